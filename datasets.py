@@ -1,0 +1,380 @@
+"""OCT image I/O and the data sets the project reads.
+
+Every image leaves this module as a 2-D float32 array in [0, 1]; the bit depth it
+came with is kept beside it so outputs can be written back at that depth.
+
+Layouts accepted (exactly as the public releases ship them):
+    synthetic  built in (synthetic.py), no files needed
+    pku37      <root>/noisy/*.tif + <root>/clean/*.tif, unpaired
+               (also <root>/PKU37_OCT_Denoising/PKU37_OCT_Denoising/{noisy,clean})
+    duke17     <root>/<n>/<n>_Raw Image.tif + <root>/<n>/<n>_Averaged Image.tif
+    duke28     <root>/<n>/test.tif + average.tif (+ optional 1.tif..4.tif, the
+               neighbouring noisy B-scans) and an optional <root>/splits.json
+    folder     any folder of images, no references (for inference)
+"""
+import json
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+import torch
+
+import synthetic
+
+DATASETS = ("synthetic", "pku37", "duke17", "duke28", "folder")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+class DataError(Exception):
+    """Bad user input: the scripts print it as one line and exit."""
+
+
+# ---------------------------------------------------------------- image I/O
+
+def _to_grey(array, path):
+    if array.ndim == 3 and array.shape[-1] == 1:  # some writers keep a singleton sample axis
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        rgb = array[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DataError(f"{path}: colour image (channels differ); expected a grey OCT B-scan")
+        array = rgb[..., 0]
+    if array.ndim != 2 or array.size == 0:
+        empty = ", empty" if array.size == 0 else ""
+        raise DataError(f"{path}: not a 2-D grey image (shape {tuple(array.shape)}{empty})")
+    return array
+
+
+def to_float(array, path="image"):
+    """uint8/uint16/float array -> (float32 image in [0, 1], bit depth 8/16/32)."""
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0, 8
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0, 16
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32)
+        if array.size == 0:
+            raise DataError(f"{path}: empty image")
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: floating-point image holds NaN or infinite values; expected finite values in [0, 1]")
+        # Float TIFFs written by other tools can overshoot [0, 1] by a rounding error.
+        tolerance = 1e-5
+        if array.min() < -tolerance or array.max() > 1 + tolerance:
+            raise DataError(f"{path}: floating-point image must hold values in [0, 1] "
+                            f"(holds {float(array.min()):g}..{float(array.max()):g})")
+        return np.clip(array, 0.0, 1.0), 32
+    raise DataError(f"{path}: unsupported pixel type {array.dtype} (use 8- or 16-bit grey)")
+
+
+def from_float(image, bit_depth):
+    """Inverse of to_float: clip to [0, 1] and round back to the source depth."""
+    if bit_depth not in (8, 16, 32):
+        raise ValueError(f"bit depth must be 8, 16 or 32, got {bit_depth}")
+    # A diverged network emits NaN; casting NaN to an integer type is undefined.
+    image = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    if bit_depth == 8:
+        return np.round(image * 255.0).astype(np.uint8)
+    if bit_depth == 16:
+        return np.round(image * 65535.0).astype(np.uint16)
+    return image
+
+
+def read_raw(path):
+    """Read a TIFF (any page count) or PNG as stored, with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                # A bad first-page offset only logs a warning in tifffile and yields an empty array.
+                if not tif.series:
+                    raise ValueError("no image pages")
+                return tif.asarray()  # needs imagecodecs: real scans are LZW/PackBits compressed
+        # imdecode on the bytes: cv2.imread cannot open non-ASCII paths on Windows.
+        array = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if array is None:
+            raise ValueError("OpenCV could not decode it")
+        if array.ndim == 3:  # OpenCV is BGR; only grey is accepted, but keep order honest
+            array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[-1] == 4 else cv2.COLOR_BGR2RGB)
+        return array
+    except Exception as error:  # tifffile/imagecodecs raise many types for a corrupt file
+        raise DataError(f"{path}: unreadable or corrupt image ({type(error).__name__}: {error})") from None
+
+
+def read_image(path):
+    """Read one grey B-scan -> (float32 image in [0, 1], source bit depth)."""
+    return to_float(_to_grey(read_raw(path), path), path)
+
+
+def write_image(path, image, bit_depth=8):
+    """Write a [0, 1] float image as TIFF or PNG at the given bit depth."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DataError(f"{path}: unsupported output format (use {', '.join(IMAGE_SUFFIXES)})")
+    if suffix == ".png" and bit_depth == 32:
+        raise DataError(f"{path}: PNG cannot hold float images; use .tif")
+    array = from_float(image, bit_depth)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".png":
+            ok, encoded = cv2.imencode(".png", array)
+            if not ok:
+                raise ValueError("OpenCV could not encode it")
+            encoded.tofile(path)
+        else:
+            tifffile.imwrite(path, array, compression="zlib")
+    except Exception as error:
+        raise DataError(f"{path}: could not write image ({type(error).__name__}: {error})") from None
+
+
+def list_images(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    # Dot files are macOS AppleDouble "._x.tif" ghosts that unzipped releases often carry.
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    if not files:
+        raise DataError(f"{folder}: no .tif/.tiff/.png images in folder")
+    return files
+
+
+def is_blank(image):
+    """All-white or all-black images (the PKU37 release has some) carry no signal."""
+    return float(image.max() - image.min()) < 1e-3
+
+
+# ---------------------------------------------------------------- data sets
+
+@dataclass
+class Sample:
+    id: str
+    noisy: np.ndarray
+    clean: np.ndarray = None  # registered reference, when the data set has one
+    bit_depth: int = 8
+    path: str = ""
+
+
+def _id_order(subject_id):
+    return len(subject_id), subject_id  # numeric order for digit strings, no int() on odd ids
+
+
+def _numeric_dirs(root):
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def _check_dataset(dataset):
+    # Before the root check, so a typo is not reported as a missing --data_root.
+    if dataset not in DATASETS:
+        raise DataError(f"unknown --dataset {dataset} (choose from {', '.join(DATASETS)})")
+
+
+def _check_root(root, dataset):
+    if root is None:
+        raise DataError(f"--dataset {dataset} needs --data_root")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    return root
+
+
+def _pair(sample_id, noisy_path, clean_path):
+    noisy, depth = read_image(noisy_path)
+    clean, _ = read_image(clean_path)
+    if noisy.shape != clean.shape:
+        raise DataError(f"{noisy_path}: size {noisy.shape} differs from its reference {clean_path} {clean.shape}")
+    return Sample(sample_id, noisy, clean, depth, str(noisy_path))
+
+
+def _read_splits(root):
+    """<root>/splits.json as {split name: [subject id strings]}, or None when absent."""
+    splits_file = root / "splits.json"
+    if not splits_file.is_file():
+        return None
+    try:
+        splits = json.loads(splits_file.read_text())
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{splits_file}: not readable JSON ({type(error).__name__}: {error})") from None
+    if not isinstance(splits, dict) or not all(isinstance(ids, list) for ids in splits.values()):
+        raise DataError(f"{splits_file}: expected an object of id lists, e.g. {{\"train\": [1, 2], \"test\": [3]}}")
+    return {name: [str(i) for i in ids] for name, ids in splits.items()}
+
+
+def duke28_subjects(root, split):
+    """Subject folders of a duke28-layout root for split train|test|all (splits.json)."""
+    root = Path(root)
+    subjects = {p.name: p for p in _numeric_dirs(root)} if root.is_dir() else {}
+    if not subjects:
+        raise DataError(f"{root}: no subject folders <n>/ with test.tif + average.tif")
+    if split == "all":
+        return list(subjects.values())
+    splits = _read_splits(root)
+    splits_file = root / "splits.json"
+    if splits is None:
+        raise DataError(f"{root}: --split {split} needs {splits_file} (or use --split all)")
+    if split not in splits:
+        raise DataError(f"{splits_file}: no split '{split}' (has: {', '.join(splits)}, or use all)")
+    missing = [i for i in splits[split] if i not in subjects]
+    if missing:
+        raise DataError(f"{splits_file}: split '{split}' lists subject id(s) {', '.join(missing)} "
+                        f"with no folder in {root}")
+    # Numeric order makes "the last n_val subjects" independent of how the JSON was typed.
+    return sorted({subjects[i] for i in splits[split]}, key=lambda p: int(p.name))
+
+
+def _pku37_root(root):
+    for candidate in (root, root / "PKU37_OCT_Denoising", root / "PKU37_OCT_Denoising" / "PKU37_OCT_Denoising"):
+        if (candidate / "noisy").is_dir() and (candidate / "clean").is_dir():
+            return candidate
+    raise DataError(f"{root}: expected noisy/ and clean/ folders here or under "
+                    f"PKU37_OCT_Denoising/PKU37_OCT_Denoising/ (PKU37 layout)")
+
+
+def _read_clean_folder(folder):
+    images = []
+    for path in list_images(folder):
+        image, _ = read_image(path)
+        if is_blank(image):
+            warnings.warn(f"{path}: blank clean image (all {'white' if image.mean() > 0.5 else 'black'}), skipped",
+                          stacklevel=2)
+            continue
+        images.append(image)
+    if not images:
+        raise DataError(f"{folder}: every clean image is blank")
+    return images
+
+
+def load_pairs(dataset, root=None, split="test", synthetic_size=256, seed=0):
+    """Registered noisy/reference pairs for scoring: a list of Sample."""
+    _check_dataset(dataset)
+    if dataset == "synthetic":
+        data = synthetic.SyntheticOCT(height=synthetic_size, width=synthetic_size, seed=seed)
+        if split not in ("test", "all"):
+            raise DataError("--dataset synthetic scores its test pairs: use --split test")
+        return [Sample(f"synthetic_{i}", *data.test_pair(i), 8, "") for i in range(data.n_test)]
+    if dataset in ("pku37", "folder"):
+        raise DataError(f"--dataset {dataset} has no registered references to score against")
+    root = _check_root(root, dataset)
+    if dataset == "duke28":
+        return [_pair(d.name, d / "test.tif", d / "average.tif") for d in duke28_subjects(root, split)]
+    if dataset == "duke17":
+        dirs = _numeric_dirs(root)
+        if not dirs:
+            raise DataError(f"{root}: no subject folders <n>/ with '<n>_Raw Image.tif' (DUKE17 layout)")
+        return [_pair(d.name, d / f"{d.name}_Raw Image.tif", d / f"{d.name}_Averaged Image.tif") for d in dirs]
+    raise AssertionError(dataset)
+
+
+def load_folder(root):
+    """Noisy images of any folder, without references (inference)."""
+    samples = []
+    for path in list_images(_check_root(root, "folder")):
+        image, depth = read_image(path)
+        samples.append(Sample(path.stem, image, None, depth, str(path)))
+    return samples
+
+
+def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0):
+    """Unpaired training data: (noisy images, clean images, validation pairs).
+
+    Validation pairs are held back from training (never taken from the test split):
+    the last n_val subjects of duke28's train split, fresh phantoms for synthetic.
+    """
+    _check_dataset(dataset)
+    if n_val < 0:
+        raise DataError(f"--n_val must be >= 0, got {n_val}")
+    if dataset == "synthetic":
+        data = synthetic.SyntheticOCT(height=synthetic_size, width=synthetic_size, seed=seed)
+        val = synthetic.SyntheticOCT(n_test=max(n_val, 1), height=synthetic_size, width=synthetic_size,
+                                     seed=seed + 10_000)
+        noisy = [data.noisy_train(i) for i in range(data.n_train)]
+        clean = [data.clean_train(i) for i in range(data.n_train)]
+        return noisy, clean, [Sample(f"val_{i}", *val.test_pair(i), 8, "") for i in range(n_val)]
+    if dataset in ("duke17", "folder"):
+        raise DataError(f"--dataset {dataset} is not an unpaired training set (use synthetic, pku37 or duke28)")
+    root = _check_root(root, dataset)
+    if dataset == "duke28":
+        if split == "test":
+            raise DataError(f"{root}: refusing to train on the test split (use --split train)")
+        subjects = duke28_subjects(root, split)
+        test_ids = set((_read_splits(root) or {}).get("test", []))
+        if split == "all" and test_ids:
+            warnings.warn(f"{root}: --split all trains without the test subjects {', '.join(sorted(test_ids, key=_id_order))}")
+        elif test_ids & {d.name for d in subjects}:
+            overlap = sorted(test_ids & {d.name for d in subjects}, key=_id_order)
+            raise DataError(f"{root / 'splits.json'}: split '{split}' shares subject(s) {', '.join(overlap)} with the test split")
+        subjects = [d for d in subjects if d.name not in test_ids]
+        if len(subjects) <= n_val:
+            raise DataError(f"{root}: split '{split}' has {len(subjects)} training subjects, "
+                            f"too few to hold back {n_val} for validation")
+        train, held_back = subjects[:len(subjects) - n_val], subjects[len(subjects) - n_val:]
+        noisy, clean = [], []
+        for d in train:
+            # test.tif is the subject's own noisy scan (required); 1..4.tif are optional neighbours.
+            noisy.append(read_image(d / "test.tif")[0])
+            noisy += [read_image(d / f"{k}.tif")[0] for k in range(1, 5) if (d / f"{k}.tif").is_file()]
+            clean.append(read_image(d / "average.tif")[0])
+        val = [_pair(d.name, d / "test.tif", d / "average.tif") for d in held_back]
+        return noisy, clean, val
+    if dataset == "pku37":
+        folder = _pku37_root(root)
+        noisy = [read_image(p)[0] for p in list_images(folder / "noisy")]
+        return noisy, _read_clean_folder(folder / "clean"), []
+    raise AssertionError(dataset)
+
+
+# ---------------------------------------------------------------- training triplets
+
+def random_crop(image, size, rng):
+    height, width = image.shape
+    if height < size or width < size:
+        raise DataError(f"image of size {height}x{width} is smaller than --patch_size {size}")
+    top = rng.randrange(height - size + 1)
+    left = rng.randrange(width - size + 1)
+    crop = image[top:top + size, left:left + size]
+    # Only left-right flips: up-down would put the vitreous below the retina.
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+class TripletDataset(torch.utils.data.Dataset):
+    """(I_A, I_B, C_C): two different noisy crops and one unrelated clean crop.
+
+    The published recipe crosses every unordered noisy pair with every clean image;
+    that set is huge, so an epoch draws `length` triplets from it at random,
+    reproducibly from (seed, epoch, index).
+    """
+
+    def __init__(self, noisy, clean, patch_size, length, seed=0):
+        if len(noisy) < 2:
+            raise DataError(f"TCFL needs at least 2 noisy training images, got {len(noisy)}")
+        if not clean:
+            raise DataError("TCFL needs at least 1 clean training image")
+        # Checked here: inside a DataLoader worker the error would surface mid-epoch, wrapped.
+        for kind, images in (("noisy", noisy), ("clean", clean)):
+            for i, image in enumerate(images):
+                if min(image.shape) < patch_size:
+                    raise DataError(f"{kind} training image {i} is {image.shape[0]}x{image.shape[1]}, "
+                                    f"smaller than --patch_size {patch_size}")
+        self.noisy, self.clean = noisy, clean
+        self.patch_size, self.length, self.seed = patch_size, length, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        a, b = rng.sample(range(len(self.noisy)), 2)
+        c = rng.randrange(len(self.clean))
+        crops = [random_crop(image, self.patch_size, rng) for image in (self.noisy[a], self.noisy[b], self.clean[c])]
+        # float32 whatever the caller's arrays hold: the networks' weights are float32.
+        return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None] for crop in crops)

@@ -1,0 +1,230 @@
+"""TCFL trainer, train.py and evaluate.py --epoch: tiny images, a few steps, never real training."""
+import csv
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluate  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+import trainers  # noqa: E402
+from datasets import DataError  # noqa: E402
+
+
+def trainer_args(**overrides):
+    args = train.get_parser().parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def triplet(batch=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, 1, size, size, generator=g) for _ in range(3)]
+
+
+def make_trainer(**overrides):
+    torch.manual_seed(0)
+    return trainers.TCFLTrainer(models.build_generator("dncnn"), models.build_discriminator(), trainer_args(**overrides))
+
+
+# ------------------------------------------------------------------ the flow
+
+def test_batched_flow_equals_six_separate_calls():
+    trainer = make_trainer(frozen_bn=True)
+    trainers.freeze_batchnorm(trainer.G)
+    a, b, c = triplet()
+    with torch.no_grad():
+        fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
+        G = trainer.G
+        n_a, n_b = G(a), G(b)
+        c_a1, c_b1 = a - n_a, b - n_b
+        i_a2, i_b2, i_c1, i_c2 = c_a1 + n_b, c_b1 + n_a, c + n_a, c + n_b
+        expected = [c_a1, c_b1, i_a2 - G(i_a2), i_b2 - G(i_b2), i_c1 - G(i_c1), i_c2 - G(i_c2)]
+        for got, want in zip(fakes, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # D once on the six concatenated fakes == the sum of six per-fake LSGAN losses.
+        batched = 6 * trainer.gan_loss(trainer.D(torch.cat(fakes)), real=True)
+        separate = sum(trainer.gan_loss(trainer.D(f), real=True) for f in expected)
+        torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
+
+
+def test_discriminator_step_sends_no_gradient_into_generator():
+    trainer = make_trainer()
+    a, b, c = triplet()
+    fakes, _ = trainer.fuse(a, b, c)
+    trainer.G.zero_grad(set_to_none=True)
+    trainer.discriminator_step(c, torch.cat(fakes))
+    assert all(p.grad is None for p in trainer.G.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.D.parameters())
+
+
+def test_generator_step_leaves_discriminator_weights_alone():
+    trainer = make_trainer()
+    before = [p.clone() for p in trainer.D.parameters()]
+    trainer.generator_step(*triplet())
+    assert all(torch.equal(x, p) for x, p in zip(before, trainer.D.parameters()))
+    assert all(p.requires_grad for p in trainer.D.parameters())
+
+
+def test_wgan_clipping_bounds_every_discriminator_weight():
+    trainer = make_trainer(gan="wgan", clip=0.005, lr_d=0.5)  # a huge lr would push weights far out
+    trainer.step(*triplet())
+    weights = torch.cat([p.detach().flatten() for p in trainer.D.parameters()])
+    assert weights.abs().max() <= 0.005 + 1e-12
+    assert weights.abs().max() > 0.004  # clipping bit: the big step went past the bound
+
+
+class ConstantNoise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.full((1, 1, 1, 1), 0.1))
+
+    def forward(self, x):
+        return self.value.expand_as(x)
+
+
+class BlurResidual(nn.Module):
+    """A crude but input-dependent denoiser: noise = x - blur(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.scale * (x - F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False))
+
+
+@pytest.mark.parametrize("generator, fires", [(ConstantNoise, True), (BlurResidual, False)])
+def test_collapse_guard(generator, fires):
+    trainer = trainers.TCFLTrainer(generator(), models.build_discriminator(), trainer_args())
+    stats = trainer.step(*triplet())
+    assert (trainers.collapse_warning(stats) is not None) == fires
+
+
+def test_collapse_guard_silent_for_trained_checkpoint_generator():
+    # DnCNN after a few real steps on speckle must not look collapsed.
+    trainer = make_trainer()
+    for seed in range(3):
+        stats = trainer.step(*triplet(seed=seed))
+    assert trainers.collapse_warning(stats) is None
+
+
+def test_ema_follows_generator():
+    trainer = make_trainer(ema=0.5)
+    trainer.step(*triplet())
+    live = torch.cat([p.flatten() for p in trainer.G.parameters()])
+    ema = torch.cat([p.flatten() for p in trainer.G_ema.parameters()])
+    assert not torch.equal(live, ema) and (live - ema).abs().max() < 1
+
+
+# ------------------------------------------------------------------ train.py
+
+TINY = ["--patch_size", "32", "--batch_size", "2", "--epoch_size", "8", "--log_every", "1", "--n_val", "1"]
+
+
+def run_train(tmp_path, *extra):
+    train.main([*TINY, "--ckpt_dir", str(tmp_path / "ckpt"), "--img_dir", str(tmp_path / "img"), *extra])
+
+
+def log_rows(tmp_path):
+    with open(tmp_path / "ckpt" / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_writes_checkpoint_figure_log_and_evaluates(tmp_path):
+    run_train(tmp_path, "--niter", "1")
+    path = tmp_path / "ckpt" / "epoch_1.pth"
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 4 and state["backbone"] == "dncnn" and state["method"] == "tcfl"
+    assert {"generator", "discriminator", "opt_g", "opt_d", "rng", "args", "history"} <= set(state)
+    assert isinstance(state["args"], dict) and state["args"]["batch_size"] == 2
+    assert not any(k.startswith("module.") for k in state["generator"])
+    assert (tmp_path / "img" / "epoch_1.png").is_file() and (tmp_path / "ckpt" / "opt.txt").is_file()
+    assert len(log_rows(tmp_path)) == 4 and state["history"][-1]["val_psnr"] > 0
+    summary = evaluate.main(["--epoch", "1", "--ckpt_dir", str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "ev"),
+                             "--json", str(tmp_path / "ev.json")])
+    assert summary["n_images"] == 8 and np.isfinite(summary["mean"]["PSNR"])
+    assert (tmp_path / "ev.json").is_file() and (tmp_path / "ev" / "comparison.png").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    run_train(straight, "--max_steps", "6", "--niter", "2")
+    run_train(resumed, "--max_steps", "3", "--niter", "2")
+    run_train(resumed, "--max_steps", "6", "--niter", "2", "--resume")
+    rows_a, rows_b = log_rows(straight), log_rows(resumed)
+    assert [r["step"] for r in rows_b] == [str(s) for s in range(1, 7)]
+    for a, b in zip(rows_a, rows_b):
+        assert (a["loss_g"], a["loss_d"], a["identity"]) == (b["loss_g"], b["loss_d"], b["identity"])
+    ga = torch.load(straight / "ckpt" / "epoch_2.pth", weights_only=True)["generator"]
+    gb = torch.load(resumed / "ckpt" / "epoch_2.pth", weights_only=True)["generator"]
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_existing_checkpoints_are_not_overwritten(tmp_path):
+    run_train(tmp_path, "--max_steps", "1")
+    with pytest.raises(DataError, match="--resume .* or --overwrite"):
+        run_train(tmp_path, "--max_steps", "1")
+    run_train(tmp_path, "--max_steps", "1", "--overwrite")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step, calls = trainers.TCFLTrainer.step, []
+
+    def step(self, *batch):
+        stats = real_step(self, *batch)
+        calls.append(1)
+        if len(calls) == 6:
+            stats["loss_g"] = float("nan")
+        return stats
+
+    monkeypatch.setattr(trainers.TCFLTrainer, "step", step)
+    with pytest.raises(DataError, match="non-finite loss at step 6"):
+        run_train(tmp_path, "--niter", "3")
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("epoch_*.pth")) == ["epoch_1.pth"]
+
+
+def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path, monkeypatch):
+    real_step, calls = trainers.TCFLTrainer.step, []
+
+    def step(self, *batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *batch)
+
+    monkeypatch.setattr(trainers.TCFLTrainer, "step", step)
+    with pytest.raises(DataError, match="interrupted at step 2"):
+        run_train(tmp_path, "--niter", "2")
+    assert torch.load(tmp_path / "ckpt" / "epoch_1.pth", weights_only=True)["step"] == 2
+
+
+# ------------------------------------------------------------------ checkpoints given to evaluate.py
+
+def test_missing_checkpoint_lists_available_epochs(tmp_path):
+    (tmp_path / "epoch_3.pth").write_bytes(b"")
+    (tmp_path / "epoch_7.pth").write_bytes(b"")
+    with pytest.raises(DataError, match="available epochs: 3, 7"):
+        evaluate.main(["--epoch", "5", "--ckpt_dir", str(tmp_path)])
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    path = tmp_path / "epoch_1.pth"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(DataError, match="not a readable checkpoint"):
+        evaluate.load_generator(path)
+
+
+def test_wrong_architecture_checkpoint_is_one_clear_error(tmp_path):
+    path = tmp_path / "g.pth"
+    torch.save({"generator": models.build_generator("unet").state_dict(), "backbone": "dncnn"}, path)
+    with pytest.raises(DataError, match="do not fit a dncnn generator"):
+        evaluate.load_generator(path)

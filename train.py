@@ -1,0 +1,313 @@
+"""Train an unpaired OCT denoiser (TCFL by default) and write one checkpoint per epoch.
+
+    python train.py --batch_size 2                               # built-in synthetic set
+    python train.py --dataset duke28 --data_root ../shared/data/duke_bioptigen --split train
+    torchrun --standalone --nproc_per_node=4 train.py ...         # DDP, --batch_size per process
+
+Per epoch: <ckpt_dir>/epoch_N.pth (everything needed to resume exactly), a sample
+figure <img_dir>/epoch_N.png, a row of <ckpt_dir>/log.csv and validation PSNR on
+images held back from the training split (never the test split).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import datasets
+import models
+import trainers
+from datasets import DataError
+from utils import psnr
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "pku37", "duke28"])
+    g.add_argument("--data_root", default=None)
+    g.add_argument("--split", default="train", help="split of duke28's splits.json to train on")
+    g.add_argument("--n_val", type=int, default=2, help="training-split images held back for validation")
+    g.add_argument("--patch_size", type=int, default=64)
+    g.add_argument("--epoch_size", type=int, default=400, help="triplets drawn per epoch")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--method", default="tcfl", choices=list(trainers.TRAINERS))
+    g.add_argument("--backbone", default="dncnn", choices=list(models.GENERATORS))
+    g.add_argument("--frozen_bn", action="store_true", help="BatchNorm on running statistics only")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--niter", type=int, default=5, help="epochs")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    g.add_argument("--batch_size", type=int, default=4, help="triplets per step (per process under torchrun)")
+    g.add_argument("--lr_g", type=float, default=2e-4)
+    g.add_argument("--lr_d", type=float, default=2e-4)
+    g.add_argument("--gan", default="lsgan", choices=["lsgan", "wgan", "vanilla"])
+    g.add_argument("--lam", type=float, default=6.0, help="identity loss weight")
+    g.add_argument("--d_fake_weight", type=float, default=None,
+                   help="weight of the six fakes in D's loss (default: 0.1 as published; 1/6 for wgan)")
+    g.add_argument("--clip", type=float, default=0.01, help="WGAN critic weight clipping")
+    g.add_argument("--n_critic", type=int, default=1, help="D updates per G update")
+    g.add_argument("--sigma_tv", type=float, default=0.0, help="total-variation weight on the six estimates")
+    g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
+    g.add_argument("--pool_size", type=int, default=0, help="replay buffer of past fakes for D (0: off)")
+    g.add_argument("--ema", type=float, default=0.99, help="EMA decay of G's weights for inference (0: off)")
+    g = p.add_argument_group("machine")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/train_speed.py first)")
+    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    g = p.add_argument_group("output")
+    g.add_argument("--ckpt_dir", default="ckpt")
+    g.add_argument("--img_dir", default="img")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt_dir")
+    g.add_argument("--overwrite", action="store_true", help="start over even if --ckpt_dir holds checkpoints")
+    g.add_argument("--log_every", type=int, default=10, help="steps between log rows / collapse checks")
+    g.add_argument("--collapse_tol", type=float, default=0.01)
+    return p
+
+
+def checkpoints(ckpt_dir):
+    """{epoch: path} of the epoch_N.pth files in ckpt_dir."""
+    found = {}
+    for path in Path(ckpt_dir).glob("epoch_*.pth"):
+        match = re.fullmatch(r"epoch_(\d+)\.pth", path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def validate(generator, samples, device):
+    """Mean PSNR of x - G(x) on held-back training images (BN on running statistics)."""
+    was_training = generator.training
+    generator.eval()
+    scores = []
+    for sample in samples:
+        x = torch.from_numpy(sample.noisy)[None, None].to(device)
+        denoised = (x - models.predict_noise(generator, x)).clamp(0, 1)
+        scores.append(psnr(sample.clean, denoised[0, 0].cpu().numpy()))
+    generator.train(was_training)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def save_figure(path, generator, sample, device):
+    """noisy | denoised | estimated noise | reference (where known), one row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    generator.eval()
+    x = torch.from_numpy(sample.noisy)[None, None].to(device)
+    noise = models.predict_noise(generator, x)[0, 0].cpu().numpy()
+    panels = [("noisy", sample.noisy), ("denoised", np.clip(sample.noisy - noise, 0, 1)), ("estimated noise", noise)]
+    if sample.clean is not None:
+        panels.append(("reference", sample.clean))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4 * sample.noisy.shape[0] / sample.noisy.shape[1] + 0.6))
+    for ax, (title, image) in zip(axes, panels):
+        ax.imshow(image, cmap="gray", vmin=-0.5 if title == "estimated noise" else 0, vmax=0.5 if title == "estimated noise" else 1)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_loss_curves(log_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for key in ("loss_g", "loss_d", "identity"):
+        axes[0].plot(steps, [float(r[key]) for r in rows], label=key)
+    axes[0].set_yscale("log"); axes[0].legend(); axes[0].set_xlabel("step")
+    axes[1].plot(steps, [float(r["noise_distance"]) for r in rows], label="|N_A - N_B|")
+    axes[1].plot(steps, [float(r["noise_spread"]) for r in rows], label="spread of G(x)")
+    axes[1].legend(); axes[1].set_xlabel("step"); axes[1].set_title("collapse guard (near 0 = collapsed)")
+    val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r.get("val_psnr")]
+    if val:
+        axes[2].plot(*zip(*val), "o-")
+    axes[2].set_xlabel("step"); axes[2].set_title("validation PSNR (dB)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+
+    # torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python train.py` does not.
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        use_cuda = args.device != "cpu" and torch.cuda.is_available()
+        init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        else:  # share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    else:
+        rank, world = 0, 1
+        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise DataError("--device cuda: no CUDA device is available")
+        device = torch.device("cuda" if use_cuda else "cpu")
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)
+
+    ckpt_dir, img_dir = Path(args.ckpt_dir), Path(args.img_dir)
+    existing = checkpoints(ckpt_dir)
+    if existing and not (args.resume or args.overwrite):
+        raise DataError(f"{ckpt_dir} already holds checkpoints (epochs {', '.join(map(str, existing))}); "
+                        "use --resume to continue or --overwrite to start over")
+    if args.resume and not existing:
+        raise DataError(f"--resume: no epoch_N.pth checkpoint in {ckpt_dir}")
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        img_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and not args.resume:
+            for path in existing.values():
+                path.unlink()
+            (ckpt_dir / "log.csv").unlink(missing_ok=True)
+
+    noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed)
+    dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
+    steps_per_epoch = args.epoch_size // (args.batch_size * world)
+    if steps_per_epoch == 0:
+        raise DataError(f"--epoch_size {args.epoch_size} is smaller than one global batch ({args.batch_size} x {world})")
+
+    generator = models.build_generator(args.backbone).to(device)
+    discriminator = models.build_discriminator().to(device)
+    if ddp and args.sync_bn:
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+    if args.channels_last:
+        generator, discriminator = generator.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)
+    # Under torchrun the trainer updates through DDP wrappers; it keeps the bare modules for saving.
+    wrap = (lambda m: DDP(m, device_ids=[device.index] if use_cuda else None)) if ddp else (lambda m: m)
+    trainer = trainers.TRAINERS[args.method](generator, discriminator, args, wrap)
+
+    step, history = 0, []
+    if args.resume:
+        latest = existing[max(existing)]
+        state = torch.load(latest, map_location=device, weights_only=True)
+        trainer.load_state_dict(state)
+        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        step, history = state["step"], state["history"]
+        if master:
+            print(f"resuming from {latest} (step {step})")
+
+    if master:
+        options = "\n".join(f"{k:>16}: {v}" for k, v in sorted(vars(args).items()))
+        print(f"----------------- options -----------------\n{options}\n"
+              f"device {device}, world size {world}, {len(noisy)} noisy / {len(clean)} clean training images, "
+              f"{len(val_samples)} validation pairs, {steps_per_epoch} steps per epoch")
+        (ckpt_dir / "opt.txt").write_text(options + "\n")
+        (ckpt_dir / "opt.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+    log_path = ckpt_dir / "log.csv"
+    log_fields = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "noise_distance",
+                  "input_distance", "noise_spread", "val_psnr", "seconds"]
+    total_steps = args.niter * steps_per_epoch if not args.max_steps else min(args.max_steps, args.niter * steps_per_epoch)
+
+    def save_checkpoint(epoch):
+        """Rank 0 writes one dict of plain types and tensors (loads with weights_only=True)."""
+        rng = [torch.get_rng_state()]
+        if ddp:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, torch.get_rng_state())
+            rng = gathered
+        if not master:
+            return
+        state = {**trainer.state_dict(), "epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch, "world_size": world,
+                 "method": args.method, "backbone": args.backbone, "args": vars(args), "history": history, "rng": rng}
+        tmp = ckpt_dir / f"epoch_{epoch}.pth.tmp"
+        torch.save(state, tmp)
+        tmp.replace(ckpt_dir / f"epoch_{epoch}.pth")  # never leave a half-written checkpoint
+
+    start = time.time()
+    progress = tqdm(total=total_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    window, stop_reason = [], None
+    try:
+        while step < total_steps and stop_reason is None:
+            epoch = step // steps_per_epoch  # 0-based epoch being trained
+            dataset.set_epoch(epoch)
+            # Ranks take interleaved triplets (the job of a DistributedSampler); a resumed run skips what it did.
+            indices = list(range(args.epoch_size))[rank::world][: steps_per_epoch * args.batch_size]
+            indices = indices[(step % steps_per_epoch) * args.batch_size:]
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=indices,
+                                                 drop_last=True, num_workers=args.workers)
+            for noisy_a, noisy_b, clean_c in loader:
+                noisy_a, noisy_b, clean_c = (t.to(device) for t in (noisy_a, noisy_b, clean_c))
+                if args.channels_last:
+                    noisy_a, noisy_b, clean_c = (t.contiguous(memory_format=torch.channels_last) for t in (noisy_a, noisy_b, clean_c))
+                stats = trainer.step(noisy_a, noisy_b, clean_c)
+                step += 1
+                finite = torch.tensor(float(math.isfinite(stats["loss_g"]) and math.isfinite(stats["loss_d"])), device=device)
+                if ddp:  # every rank stops together
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if finite.item() == 0:
+                    stop_reason = (f"non-finite loss at step {step} (loss_g {stats['loss_g']}, loss_d {stats['loss_d']}); "
+                                   f"stopped, the last good checkpoint in {ckpt_dir} is kept. Lower --lr_g/--lr_d.")
+                    break
+                window.append(stats)
+                progress.update(1)
+                progress.set_postfix(g=f"{stats['loss_g']:.3f}", d=f"{stats['loss_d']:.3f}", id=f"{stats['identity']:.4f}")
+                epoch_done = step % steps_per_epoch == 0
+                if master and (step % args.log_every == 0 or epoch_done or step == total_steps):
+                    mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    window = []
+                    warning = trainers.collapse_warning(mean, args.collapse_tol)
+                    if warning:
+                        tqdm.write(warning)
+                    row = {"epoch": epoch + 1, "step": step, **mean, "val_psnr": "", "seconds": round(time.time() - start, 1)}
+                    if epoch_done or step == total_steps:
+                        row["val_psnr"] = validate(trainer.inference_generator(), val_samples, device) if val_samples else ""
+                    new_file = not log_path.exists()
+                    with open(log_path, "a", newline="") as f:
+                        writer = csv.DictWriter(f, fieldnames=log_fields)
+                        if new_file:
+                            writer.writeheader()
+                        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                    if row["val_psnr"] != "":
+                        history.append({"epoch": epoch + 1, "step": step, "val_psnr": row["val_psnr"],
+                                        "loss_g": mean["loss_g"], "identity": mean["identity"]})
+                        tqdm.write(f"epoch {epoch + 1} step {step}: validation PSNR {row['val_psnr']:.2f} dB")
+                if epoch_done or step == total_steps:
+                    save_checkpoint(epoch + 1)
+                    if master:
+                        sample = val_samples[0] if val_samples else datasets.Sample("train_0", noisy[0])
+                        save_figure(img_dir / f"epoch_{epoch + 1}.png", trainer.inference_generator(), sample, device)
+                        save_loss_curves(log_path, img_dir / "loss_curves.png")
+                if step >= total_steps:
+                    break
+    except KeyboardInterrupt:
+        save_checkpoint(step // steps_per_epoch + 1)
+        stop_reason = f"interrupted at step {step}; checkpoint saved in {ckpt_dir}, continue with --resume"
+    progress.close()
+    if ddp:
+        destroy_process_group()
+    if stop_reason:
+        raise DataError(stop_reason)
+    if master:
+        print(f"done: {step} steps in {time.time() - start:.0f} s; checkpoints in {ckpt_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,126 @@
+"""Small shared helpers."""
+
+import numpy as np
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+# ---- image quality metrics ----
+#
+# All metrics take float images in [0, 1] as 2-D arrays, reference first,
+# and return a python float.
+
+_LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
+
+
+def _check(ref, img):
+    ref = np.asarray(ref, dtype=np.float64)
+    img = np.asarray(img, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape != img.shape:
+        raise ValueError(f"expected two 2-D images of the same shape, got ref {ref.shape} and img {img.shape}")
+    return ref, img
+
+
+def psnr(ref, img):
+    """PSNR = 10 * log10(1 / MSE) in dB; inf for identical images.
+
+    The data range is fixed at 1.0 (not the max of the images) so that values
+    are comparable across images and papers.
+    """
+    ref, img = _check(ref, img)
+    mse = np.mean((ref - img) ** 2)
+    if mse == 0:
+        return float("inf")
+    return float(10 * np.log10(1.0 / mse))
+
+
+def ssim(ref, img):
+    """SSIM = skimage structural_similarity(ref, img, data_range=1.0).
+
+    skimage defaults: 7x7 uniform window, sample covariance, K1=0.01, K2=0.03.
+    """
+    ref, img = _check(ref, img)
+    return float(structural_similarity(ref, img, data_range=1.0))
+
+
+def gcmse(ref, img, kappa=0.5):
+    """Gradient conduction MSE (Lopez-Randulfe et al. 2017), lower is better.
+
+    From the reference only: forward differences dS = ref[i+1, j] - ref[i, j]
+    and dE = ref[i, j+1] - ref[i, j]; Perona-Malik conduction (option 1)
+    cS = exp(-(dS / kappa)^2), cE likewise, set to 1 on the last row/column
+    where there is no neighbour; cN[i, j] = cS[i-1, j] and cW[i, j] = cE[i, j-1]
+    (1 on the first row/column). C = clip((cN + cS + cE + cW) / 4, 0, 1),
+    G = 1 - C and
+
+        GCMSE = numel * sum((G * (ref - img))^2) / sum(G).
+
+    No cropping, so the value scales with image size. A perfectly flat
+    reference has no edges (G == 0 everywhere); then every pixel is weighted
+    equally (G = 1), which gives the plain sum of squared errors.
+    """
+    ref, img = _check(ref, img)
+    c_s = np.ones_like(ref)
+    c_e = np.ones_like(ref)
+    c_s[:-1, :] = np.exp(-((np.diff(ref, axis=0) / kappa) ** 2))
+    c_e[:, :-1] = np.exp(-((np.diff(ref, axis=1) / kappa) ** 2))
+    c_n = np.ones_like(ref)
+    c_w = np.ones_like(ref)
+    c_n[1:, :] = c_s[:-1, :]
+    c_w[:, 1:] = c_e[:, :-1]
+    g = 1.0 - np.clip((c_n + c_s + c_e + c_w) / 4, 0.0, 1.0)
+    g_sum = g.sum()
+    if g_sum == 0:
+        return float(np.sum((ref - img) ** 2))
+    return float(ref.size * np.sum((g * (ref - img)) ** 2) / g_sum)
+
+
+def epi(ref, img):
+    """Edge preservation index (Sattar et al. 1997), <= 1, higher is better.
+
+    dr, di = Laplacian(ref), Laplacian(img) with the 3x3 kernel
+    [[0, 1, 0], [1, -4, 1], [0, 1, 0]] (scipy.ndimage.convolve, mode
+    'reflect', identical to 'nearest' for a 3x3 kernel), each minus its mean;
+
+        EPI = sum(dr * di) / sqrt(sum(dr^2) * sum(di^2)).
+
+    Identical images give 1.0. If either image has no Laplacian energy (e.g.
+    flat) and they are not identical, no edge is preserved: 0.0.
+    """
+    ref, img = _check(ref, img)
+    if np.array_equal(ref, img):
+        return 1.0
+    dr = ndimage.convolve(ref, _LAPLACIAN, mode="reflect")
+    di = ndimage.convolve(img, _LAPLACIAN, mode="reflect")
+    # With 'reflect' (Neumann) borders a Laplacian already sums to ~0; the
+    # means are removed anyway to follow Sattar's definition.
+    dr -= dr.mean()
+    di -= di.mean()
+    denom = np.sqrt(np.sum(dr**2) * np.sum(di**2))
+    if denom == 0:
+        return 0.0
+    return float(np.sum(dr * di) / denom)
+
+
+def epi_v(ref, img):
+    """Axial (vertical, axis 0) gradient ratio, 1 is ideal, < 1 means smoothing:
+
+        EPI_v = sum|img[1:] - img[:-1]| / sum|ref[1:] - ref[:-1]|.
+
+    If the reference has no axial gradient: 1.0 when the image has none
+    either, else inf.
+    """
+    ref, img = _check(ref, img)
+    num = np.sum(np.abs(np.diff(img, axis=0)))
+    den = np.sum(np.abs(np.diff(ref, axis=0)))
+    if den == 0:
+        return 1.0 if num == 0 else float("inf")
+    return float(num / den)
+
+
+METRICS = {"PSNR": psnr, "SSIM": ssim, "GCMSE": gcmse, "EPI": epi, "EPI_v": epi_v}
+
+
+def all_metrics(ref, img):
+    """{name: metric(ref, img)} for every metric in METRICS."""
+    ref, img = _check(ref, img)
+    return {name: fn(ref, img) for name, fn in METRICS.items()}
