@@ -1,0 +1,81 @@
+"""Seconds per 450 x 900 B-scan for each backbone, fp32 vs channels_last vs bf16, and what
+bf16 costs in PSNR on the duke28 test split with the shipped checkpoint.
+
+    python bench/infer_speed.py
+    python bench/infer_speed.py --quick
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import SHARED_DATA, ROOT, machine, save, timeit
+
+import datasets
+import evaluate
+import models
+from utils import psnr
+
+VARIANTS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
+            "channels_last+bf16": {"channels_last": True, "bf16": True}}
+
+
+def run(generator, image, channels_last=False, bf16=False):
+    x = image.contiguous(memory_format=torch.channels_last) if channels_last else image
+    with torch.no_grad():
+        return models.predict_noise(generator, x, tile=4096, bf16=bf16)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ckpt", default=str(ROOT / "ckpt" / "tcfl_duke28_G.pth"))
+    parser.add_argument("--height", type=int, default=450)
+    parser.add_argument("--width", type=int, default=900)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--no_save", action="store_true")
+    args = parser.parse_args(argv)
+    device = evaluate.resolve_device(args.device)
+    info = machine()
+    repeats = 2 if args.quick else 5
+    image = torch.rand(1, 1, args.height, args.width, device=device)
+
+    timings = {}
+    for backbone in models.GENERATORS:
+        timings[backbone] = {}
+        for name, switches in VARIANTS.items():
+            generator = models.build_generator(backbone).to(device).eval()
+            if switches.get("channels_last"):
+                generator = generator.to(memory_format=torch.channels_last)
+            seconds = timeit(lambda: run(generator, image, **switches), repeats, device=device.type)
+            timings[backbone][name] = seconds
+            print(f"{backbone:<11} {name:<20} {seconds:7.3f} s per {args.height} x {args.width} B-scan")
+
+    precision = None
+    data = SHARED_DATA / "duke_bioptigen"
+    if not data.is_dir() or not Path(args.ckpt).is_file():
+        print(f"skipping the PSNR comparison: needs {data} and {args.ckpt}")
+    else:
+        generator, _ = evaluate.load_generator(args.ckpt, device)
+        samples = datasets.load_pairs("duke28", data, "test")[: 2 if args.quick else None]
+        precision = {}
+        for name, switches in VARIANTS.items():
+            model = generator.to(memory_format=torch.channels_last) if switches.get("channels_last") else generator
+            scores = []
+            for sample in samples:
+                x = torch.from_numpy(sample.noisy)[None, None].to(device)
+                out = (x - run(model, x, **switches)).clamp(0, 1)[0, 0].float().cpu().numpy()
+                scores.append(psnr(sample.clean, out))
+            precision[name] = float(np.mean(scores))
+        base = precision["fp32"]
+        for name, value in precision.items():
+            print(f"shipped checkpoint, {name:<20} PSNR {value:.3f} dB ({value - base:+.3f} vs fp32, {len(samples)} test images)")
+    if not args.no_save:
+        save("infer_speed_quick" if args.quick else "infer_speed",
+             {"machine": info, "image": [args.height, args.width], "seconds_per_bscan": timings, "test_psnr": precision})
+    return timings, precision
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Denoise your own OCT scans: image files, folders, or multi-page TIFF stacks (volumes).
+
+    python denoise.py scan.tif --out denoised/                      # the shipped checkpoint
+    python denoise.py scans/ volume.tif --out denoised/ --epoch 40  # your own ckpt/epoch_40.pth
+    python denoise.py scans/ --out denoised_bm3d/ --method bm3d     # classical baselines too
+
+Each output keeps its input's file name, pixel type and bit depth (uint16 stays uint16 with
+its full range) and a stack stays a stack. Nothing is overwritten without --overwrite.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+import datasets
+import evaluate
+import models
+from datasets import DataError
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "ckpt" / "tcfl_duke28_G.pth"
+
+
+def expand_inputs(inputs):
+    """Files given directly, plus the images inside folders given."""
+    files = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            files += [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() in datasets.IMAGE_SUFFIXES]
+        else:
+            files.append(path)  # a missing or odd file is reported when it is read
+    return files
+
+
+def read_slices(path):
+    """(list of 2-D float images, source dtype, is_stack) of an image file or a TIFF stack."""
+    array = datasets.read_raw(path)
+    if array.ndim == 3 and array.shape[-1] not in (3, 4):  # pages x height x width
+        slices = [datasets.to_float(page, path) for page in array]
+        return [image for image, _ in slices], array.dtype, True
+    image, _ = datasets.read_image(path)
+    return [image], datasets._to_grey(array, path).dtype, False
+
+
+def write_slices(path, images, dtype, is_stack):
+    bit_depth = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(np.dtype(dtype), 32)
+    if is_stack:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(path, np.stack([datasets.from_float(image, bit_depth) for image in images]),
+                         photometric="minisblack", compression="zlib")
+    else:
+        datasets.write_image(path, images[0], bit_depth)
+
+
+def make_denoiser(args):
+    """A function image -> denoised image for --method / --ckpt / --epoch."""
+    if args.method == "bm3d":
+        import BM3D
+        return BM3D.denoise
+    if args.method == "nlm":
+        import NLM
+        return NLM.denoise
+    if args.ckpt is None and args.epoch is None:
+        args.ckpt = str(SHIPPED_CHECKPOINT)
+    generator, _ = evaluate.load_generator(evaluate.checkpoint_path(args), evaluate.resolve_device(args.device))
+    device = next(generator.parameters()).device
+    return lambda image: models.denoise_array(generator, image, device, args.ensemble, args.bf16, args.tile)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or multi-page TIFF stacks")
+    parser.add_argument("--out", required=True, help="output folder (not an input's own folder)")
+    parser.add_argument("--method", default="model", choices=["model", "bm3d", "nlm"])
+    parser.add_argument("--epoch", type=int, default=None, help="use <ckpt_dir>/epoch_N.pth")
+    parser.add_argument("--ckpt", default=None, help=f"checkpoint file (default: {SHIPPED_CHECKPOINT.name})")
+    parser.add_argument("--ckpt_dir", default="ckpt")
+    parser.add_argument("--ensemble", action="store_true", help="average the 8 flips/rotations (8x slower)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
+    parser.add_argument("--tile", type=int, default=512, help="tile size; bounds memory on large images")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out).resolve()
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise DataError(f"no .tif/.tiff/.png images in {', '.join(args.inputs)}")
+    for path in files:
+        if path.resolve().parent == out_dir:
+            raise DataError(f"--out {args.out} is the folder of input {path}: refusing to write next to the inputs")
+    taken = [out_dir / p.name for p in files if (out_dir / p.name).exists()]
+    if taken and not args.overwrite:
+        raise DataError(f"{taken[0]} exists ({len(taken)} output file(s) would be replaced); use --overwrite")
+    names = [p.name for p in files]
+    if len(set(names)) < len(names):
+        raise DataError("two inputs share a file name, so their outputs would collide; denoise them separately")
+    denoise = make_denoiser(args)
+
+    failed = []
+    for path in tqdm(files, desc="files", disable=len(files) == 1):
+        try:
+            images, dtype, is_stack = read_slices(path)
+            outputs = [denoise(image) for image in tqdm(images, desc=path.name, leave=False, disable=len(images) == 1)]
+            write_slices(out_dir / path.name, outputs, dtype, is_stack)
+        except DataError as error:
+            tqdm.write(f"skipped: {error}")
+            failed.append(str(path))
+    print(f"denoised {len(files) - len(failed)} of {len(files)} file(s) into {out_dir}")
+    if failed:
+        print(f"failed ({len(failed)}): " + ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DataError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,117 @@
+"""denoise.py on the user's own files: types, stacks, folders, refusals."""
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import datasets  # noqa: E402
+import denoise  # noqa: E402
+import evaluate  # noqa: E402
+import models  # noqa: E402
+from datasets import DataError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DUKE = ROOT.parent / "shared" / "data" / "duke_bioptigen"
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A small random DnCNN checkpoint in the shipped generator-only format."""
+    torch.manual_seed(0)
+    generator = models.build_generator("dncnn")
+    path = tmp_path / "g.pth"
+    torch.save({"generator": generator.state_dict(), "backbone": "dncnn", "method": "tcfl"}, path)
+    return path
+
+
+def speckle(shape, seed=0):
+    return np.random.default_rng(seed).random(shape)
+
+
+def run(inputs, out, ckpt, *extra):
+    return denoise.main([*map(str, inputs), "--out", str(out), "--ckpt", str(ckpt), *extra])
+
+
+@pytest.mark.parametrize("suffix, dtype", [(".tif", np.uint8), (".tif", np.uint16), (".png", np.uint8), (".png", np.uint16)])
+def test_round_trip_keeps_name_dtype_shape_and_range(tmp_path, ckpt, suffix, dtype):
+    top = np.iinfo(dtype).max
+    image = (speckle((40, 60)) * top).astype(dtype)
+    src = tmp_path / "in" / f"scan{suffix}"
+    src.parent.mkdir()
+    tifffile.imwrite(src, image) if suffix == ".tif" else cv2.imwrite(str(src), image)
+    assert run([src], tmp_path / "out", ckpt) == 0
+    out = datasets.read_raw(tmp_path / "out" / src.name)
+    assert out.dtype == dtype and out.shape == image.shape
+    if dtype == np.uint16:  # full 16-bit precision, not 8-bit levels scaled up
+        assert len(np.unique(out)) > 256 and out.max() > 255
+
+
+def test_stack_stays_a_stack(tmp_path, ckpt):
+    stack = (speckle((3, 32, 48)) * 65535).astype(np.uint16)
+    src = tmp_path / "in" / "volume.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    assert run([src], tmp_path / "out", ckpt) == 0
+    out = tifffile.imread(tmp_path / "out" / "volume.tif")
+    assert out.shape == (3, 32, 48) and out.dtype == np.uint16
+    generator, _ = evaluate.load_generator(ckpt)
+    second = models.denoise_array(generator, stack[1].astype(np.float32) / 65535)
+    assert np.abs(out[1] / 65535 - second).max() <= 1 / 65535  # each page denoised on its own
+
+
+def test_folder_with_one_corrupt_file(tmp_path, ckpt, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.tif", "c.tif"):
+        tifffile.imwrite(folder / name, (speckle((24, 24)) * 255).astype(np.uint8))
+    (folder / "b.tif").write_bytes(b"II*\x00 definitely not a tiff")
+    assert run([folder], tmp_path / "out", ckpt) == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "c.tif"]
+    printed = capsys.readouterr().out + capsys.readouterr().err
+    assert "b.tif" in printed and "failed (1)" in printed
+
+
+def test_refuses_to_overwrite_and_to_write_next_to_inputs(tmp_path, ckpt):
+    src = tmp_path / "in" / "scan.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, (speckle((24, 24)) * 255).astype(np.uint8))
+    with pytest.raises(DataError, match="refusing to write next to the inputs"):
+        run([src], src.parent, ckpt)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scan.tif").write_bytes(b"mine")
+    with pytest.raises(DataError, match="--overwrite"):
+        run([src], tmp_path / "out", ckpt)
+    assert (tmp_path / "out" / "scan.tif").read_bytes() == b"mine"
+    assert run([src], tmp_path / "out", ckpt, "--overwrite") == 0
+    assert (tmp_path / "out" / "scan.tif").read_bytes() != b"mine"
+
+
+def test_tiled_equals_untiled_through_denoise(tmp_path, ckpt):
+    image = speckle((70, 90)).astype(np.float32)
+    generator, _ = evaluate.load_generator(ckpt)
+    with torch.no_grad():  # strong outputs so the comparison means something
+        generator.body[-1].weight.mul_(1e5)
+    whole = models.denoise_array(generator, image, tile=1024)
+    tiled = models.denoise_array(generator, image, tile=32)
+    assert np.abs(whole - image).max() > 1e-2 and np.abs(whole - tiled).max() < 1e-4
+
+
+def test_shipped_checkpoint_matches_evaluate_on_a_real_scan(tmp_path):
+    shipped = denoise.SHIPPED_CHECKPOINT
+    if not DUKE.is_dir() or not shipped.is_file():
+        pytest.skip(f"needs {DUKE} (the project's shared real data) and {shipped}")
+    assert denoise.main([str(DUKE / "11" / "test.tif"), "--out", str(tmp_path / "d")]) == 0
+    summary = evaluate.main(["--ckpt", str(shipped), "--dataset", "duke28", "--data_root", str(DUKE), "--split", "test",
+                             "--out_dir", str(tmp_path / "ev")])
+    import csv
+    with open(tmp_path / "ev" / "scores.csv") as f:
+        psnr_11 = next(float(r["PSNR"]) for r in csv.DictReader(f) if r["id"] == "11")
+    written, _ = datasets.read_image(tmp_path / "d" / "test.tif")
+    reference, _ = datasets.read_image(DUKE / "11" / "average.tif")
+    from utils import psnr
+    assert abs(psnr(reference, written) - psnr_11) < 0.01 and summary["n_images"] == 5
