@@ -10,6 +10,7 @@ images held back from the training split (never the test split).
 """
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -298,7 +299,15 @@ def main(argv=None):
         save_checkpoint(step // steps_per_epoch + 1)
         stop_reason = f"interrupted at step {step}; checkpoint saved in {ckpt_dir}, continue with --resume"
     progress.close()
-    if ddp:
+    if ddp:  # DDP keeps replicas in lockstep; show it, so a broken setup cannot go unnoticed
+        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in generator.parameters())).hexdigest()
+        digests = [None] * world
+        torch.distributed.all_gather_object(digests, digest)
+        if master:
+            for r, d in enumerate(digests):
+                print(f"rank {r} generator sha1 {d}")
+            if len(set(digests)) > 1:
+                stop_reason = stop_reason or "generator weights differ between ranks (DDP out of sync)"
         destroy_process_group()
     if stop_reason:
         raise DataError(stop_reason)
