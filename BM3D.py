@@ -27,19 +27,14 @@ single-threaded (deterministic); --workers N runs N images at once in processes.
 import argparse
 import functools
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 
 import bm3d
-import cv2
 import numpy as np
 from skimage.restoration import estimate_sigma
-from tqdm import tqdm
 
-import datasets
 import evaluate
 from datasets import DataError
-from utils import psnr
+from utils import at_lateral_scale
 
 # Chosen with `--tune` on the duke28 train split (subjects 1-10, never the test
 # subjects 11-15): mean PSNR there 29.02 dB (noisy input 17.83 dB). PSNR is flat
@@ -50,15 +45,6 @@ SIGMA_FACTOR = 2.5  # threshold sigma = SIGMA_FACTOR * estimate_sigma(binned ima
 LATERAL_BIN = 4     # lateral binning factor before BM3D (1 = full resolution)
 
 TUNE_GRID = {"lateral_bin": (2, 3, 4), "sigma_factor": (2.0, 2.5, 3.0, 3.5)}
-
-
-def at_lateral_scale(fn, image, factor):
-    """fn(image binned factor:1 laterally), resized back to the image's size."""
-    if factor <= 1:
-        return fn(image).astype(np.float32)
-    height, width = image.shape
-    small = cv2.resize(image, (max(1, round(width / factor)), height), interpolation=cv2.INTER_AREA)
-    return cv2.resize(fn(small).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def bm3d_hard_threshold(image, sigma_factor):
@@ -75,34 +61,6 @@ def denoise(image, sigma_factor=SIGMA_FACTOR, lateral_bin=LATERAL_BIN):
     return np.clip(at_lateral_scale(run, np.asarray(image, np.float32), lateral_bin), 0.0, 1.0)
 
 
-def _psnr_of(job):
-    params, sample = job
-    start = time.perf_counter()
-    output = denoise(sample.noisy, **params)
-    return psnr(sample.clean, output), time.perf_counter() - start
-
-
-def tune(args):
-    """Grid search over TUNE_GRID on --dataset/--split; prints mean PSNR per setting."""
-    if args.split == "test":
-        raise DataError("--tune chooses parameters: run it on --split train, never on the test split")
-    samples = datasets.load_pairs(args.dataset, args.data_root, args.split)
-    grid = [{"lateral_bin": b, "sigma_factor": f} for b in TUNE_GRID["lateral_bin"] for f in TUNE_GRID["sigma_factor"]]
-    jobs = [(params, sample) for params in grid for sample in samples]
-    with ProcessPoolExecutor(args.workers) as pool:
-        results = list(tqdm(pool.map(_psnr_of, jobs), total=len(jobs), desc="BM3D --tune"))
-    print(f"\n{args.dataset} / {args.split}: {len(samples)} images")
-    print(f"{'lateral_bin':>11} {'sigma_factor':>12} {'mean PSNR':>10} {'s/image':>8}")
-    rows = []
-    for i, params in enumerate(grid):
-        chunk = results[i * len(samples):(i + 1) * len(samples)]
-        rows.append((float(np.mean([p for p, _ in chunk])), float(np.mean([t for _, t in chunk])), params))
-        print(f"{params['lateral_bin']:>11} {params['sigma_factor']:>12} {rows[-1][0]:>10.3f} {rows[-1][1]:>8.3f}")
-    best = max(rows, key=lambda row: row[0])
-    print(f"best: --lateral_bin {best[2]['lateral_bin']} --sigma_factor {best[2]['sigma_factor']} ({best[0]:.3f} dB)")
-    return rows
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_data_args(parser)
@@ -116,7 +74,8 @@ def main(argv=None):
         parser.error("--workers must be >= 1")
     try:
         if args.tune:
-            return tune(args)
+            grid = [{"lateral_bin": b, "sigma_factor": f} for b in TUNE_GRID["lateral_bin"] for f in TUNE_GRID["sigma_factor"]]
+            return evaluate.grid_search(denoise, grid, "BM3D", args)
         fn = functools.partial(denoise, sigma_factor=args.sigma_factor, lateral_bin=args.lateral_bin)
         return evaluate.run_denoiser(fn, "BM3D", args)
     except DataError as error:

@@ -28,17 +28,13 @@ images at once in processes, and seconds_per_image is the time of one call.
 import argparse
 import functools
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
-import datasets
 import evaluate
 from datasets import DataError
-from utils import psnr
+from utils import at_lateral_scale
 
 # Chosen with `--tune` on the duke28 train split (subjects 1-10, never the test
 # subjects 11-15): mean PSNR there 28.92 dB (noisy input 17.83 dB). The grid stops
@@ -54,15 +50,6 @@ SEARCH = 21        # search window side, pixels (OpenCV's recommended value)
 H16_PER_LEVEL = 220.0
 
 TUNE_GRID = {"lateral_bin": (1, 2, 3, 4), "h": (15, 20, 25, 30, 35, 40)}
-
-
-def at_lateral_scale(fn, image, factor):
-    """fn(image binned factor:1 laterally), resized back to the image's size."""
-    if factor <= 1:
-        return fn(image).astype(np.float32)
-    height, width = image.shape
-    small = cv2.resize(image, (max(1, round(width / factor)), height), interpolation=cv2.INTER_AREA)
-    return cv2.resize(fn(small).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def is_8bit(image):
@@ -89,35 +76,6 @@ def denoise(image, h=H, lateral_bin=LATERAL_BIN, template=TEMPLATE, search=SEARC
     return np.clip(at_lateral_scale(run, image, lateral_bin), 0.0, 1.0)
 
 
-def _psnr_of(job):
-    params, sample = job
-    start = time.perf_counter()
-    output = denoise(sample.noisy, **params)
-    return psnr(sample.clean, np.clip(output, 0, 1)), time.perf_counter() - start
-
-
-def tune(args):
-    """Grid search over TUNE_GRID on --dataset/--split; prints mean PSNR per setting."""
-    if args.split == "test":
-        raise DataError("--tune chooses parameters: run it on --split train, never on the test split")
-    samples = datasets.load_pairs(args.dataset, args.data_root, args.split)
-    grid = [{"lateral_bin": b, "h": h, "template": args.template, "search": args.search}
-            for b in TUNE_GRID["lateral_bin"] for h in TUNE_GRID["h"]]
-    jobs = [(params, sample) for params in grid for sample in samples]
-    with ProcessPoolExecutor(args.workers) as pool:
-        results = list(tqdm(pool.map(_psnr_of, jobs), total=len(jobs), desc="NLM --tune"))
-    print(f"\n{args.dataset} / {args.split}: {len(samples)} images, template {args.template}, search {args.search}")
-    print(f"{'lateral_bin':>11} {'h':>5} {'mean PSNR':>10} {'s/image':>8}")
-    rows = []
-    for i, params in enumerate(grid):
-        chunk = results[i * len(samples):(i + 1) * len(samples)]
-        rows.append((float(np.mean([p for p, _ in chunk])), float(np.mean([t for _, t in chunk])), params))
-        print(f"{params['lateral_bin']:>11} {params['h']:>5} {rows[-1][0]:>10.3f} {rows[-1][1]:>8.3f}")
-    best = max(rows, key=lambda row: row[0])
-    print(f"best: --lateral_bin {best[2]['lateral_bin']} --h {best[2]['h']} ({best[0]:.3f} dB)")
-    return rows
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_data_args(parser)
@@ -133,7 +91,9 @@ def main(argv=None):
     cv2.setNumThreads(1)  # one core per image; --workers parallelises across images
     try:
         if args.tune:
-            return tune(args)
+            grid = [{"lateral_bin": b, "h": h, "template": args.template, "search": args.search}
+                    for b in TUNE_GRID["lateral_bin"] for h in TUNE_GRID["h"]]
+            return evaluate.grid_search(denoise, grid, "NLM", args)
         fn = functools.partial(denoise, h=args.h, lateral_bin=args.lateral_bin,
                                template=args.template, search=args.search)
         return evaluate.run_denoiser(fn, "NLM", args)

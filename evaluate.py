@@ -23,7 +23,7 @@ from tqdm import tqdm
 import datasets
 import models
 from datasets import DataError
-from utils import METRICS, all_metrics
+from utils import METRICS, all_metrics, psnr
 
 
 def add_data_args(parser, dataset="synthetic", split="test"):
@@ -145,13 +145,19 @@ def load_generator(path, device="cpu"):
         raise DataError(f"{path}: not a checkpoint of this project (no generator/backbone entries)")
     if state["backbone"] not in models.GENERATORS:
         raise DataError(f"{path}: unknown backbone '{state['backbone']}'")
-    generator = models.build_generator(state["backbone"])
+    # Each training method saves its own inference module (noisy -> noise); rebuild it from the run's options.
+    method = state.get("method", "tcfl")
+    if method not in models.METHODS:
+        raise DataError(f"{path}: unknown training method '{method}' (known: {', '.join(models.METHODS)})")
+    generator = models.build_denoiser(method, state["backbone"], state.get("args") or {})
     weights = state.get("generator_ema") or state["generator"]
+    name = state["backbone"] if method == "tcfl" else f"{method} ({state['backbone']})"
     try:
         generator.load_state_dict(weights)
     except RuntimeError as error:
-        raise DataError(f"{path}: weights do not fit a {state['backbone']} generator "
+        raise DataError(f"{path}: weights do not fit a {name} generator "
                         f"({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error})") from None
+    generator.zero_mean = bool((state.get("args") or {}).get("zero_mean", False))
     return generator.to(device).eval(), state
 
 
@@ -193,6 +199,37 @@ def save_comparison(path, sample, output, title):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _psnr_of(job):
+    denoise, params, sample = job
+    start = time.perf_counter()
+    output = denoise(sample.noisy, **params)
+    return psnr(sample.clean, np.clip(output, 0, 1)), time.perf_counter() - start
+
+
+def grid_search(denoise, grid, method, args):
+    """Mean PSNR of denoise(image, **params) for each params in grid, on --dataset/--split.
+
+    For choosing a baseline's parameters; refuses the test split, which only reports.
+    """
+    if args.split == "test":
+        raise DataError("--tune chooses parameters: run it on --split train, never on the test split")
+    samples = datasets.load_pairs(args.dataset, args.data_root, args.split)
+    jobs = [(denoise, params, sample) for params in grid for sample in samples]
+    with ProcessPoolExecutor(args.workers) as pool:
+        results = list(tqdm(pool.map(_psnr_of, jobs), total=len(jobs), desc=f"{method} --tune"))
+    names = list(grid[0])
+    print(f"\n{args.dataset} / {args.split}: {len(samples)} images")
+    print("".join(f"{n:>14}" for n in names) + f"{'mean PSNR':>11}{'s/image':>9}")
+    rows = []
+    for i, params in enumerate(grid):
+        chunk = results[i * len(samples):(i + 1) * len(samples)]
+        rows.append((float(np.mean([p for p, _ in chunk])), float(np.mean([s for _, s in chunk])), params))
+        print("".join(f"{params[n]:>14}" for n in names) + f"{rows[-1][0]:>11.3f}{rows[-1][1]:>9.3f}")
+    best = max(rows, key=lambda row: row[0])
+    print("best: " + " ".join(f"--{n} {best[2][n]}" for n in names) + f" ({best[0]:.3f} dB)")
+    return rows
 
 
 def main(argv=None):

@@ -155,7 +155,18 @@ def predict_noise(generator, image, tile=512, margin=32, bf16=False):
     Each tile is computed with `margin` extra pixels of context on every side and only
     its centre is kept: beyond the generator's receptive field (21 px for DnCNN) the
     result equals the untiled one, and memory stays bounded for any B-scan size.
+
+    A generator with `zero_mean = True` (train.py --zero_mean) has the spatial mean of its
+    noise map removed, over the whole image: display-domain speckle has zero mean, and
+    TCFL's identity losses cannot see a constant offset in G's output.
     """
+    noise = _predict_noise_tiled(generator, image, tile, margin, bf16)
+    if getattr(generator, "zero_mean", False):
+        noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
+    return noise
+
+
+def _predict_noise_tiled(generator, image, tile, margin, bf16):
     height, width = image.shape[-2:]
     autocast = torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16)
     if height <= tile + 2 * margin and width <= tile + 2 * margin:
@@ -188,3 +199,230 @@ def denoise_array(generator, image, device="cpu", ensemble=False, bf16=False, ti
         out = torch.rot90(view - predict_noise(generator, view, tile, bf16=bf16), -k, (-2, -1))
         total += out.flip(-1) if flip else out
     return (total / len(DIHEDRAL)).clamp(0, 1)[0, 0].cpu().numpy()
+
+
+# ---------------------------------------------------------------- other training methods (trainers.py, --method)
+#
+# Every method hands evaluate.py / denoise.py one module with the same contract as a TCFL
+# generator: noisy (N, 1, H, W) -> its estimated noise, so the denoised image is x - module(x).
+# build_denoiser() rebuilds that module from a checkpoint's method, backbone and args.
+
+
+class R2RDenoiser(nn.Module):
+    """R2R at test time: noise = x - mean_k f(x + alpha * z_k), f(v) = v - net(v), z_k ~ N(0, sigma^2 K K^T).
+
+    sigma and the correlation kernel K are buffers (estimated from the training data by the
+    trainer, saved with the weights). The recorruptions are drawn from a generator seeded
+    with `seed` on every call, so the same image always gives the same output. Tiles of
+    predict_noise draw their own recorruptions, so a tiled result differs from the untiled
+    one by the averaging's residual (evaluate.py --tile 1024 keeps a 450 x 900 scan whole).
+    """
+
+    def __init__(self, net, alpha=0.5, passes=8, seed=0, kernel_size=7):
+        super().__init__()
+        self.net, self.alpha, self.passes, self.seed = net, alpha, passes, seed
+        self.register_buffer("sigma", torch.tensor(0.15))
+        kernel = torch.zeros(1, 1, kernel_size, kernel_size)
+        kernel[..., kernel_size // 2, kernel_size // 2] = 1.0  # white noise until the trainer measures the speckle
+        self.register_buffer("kernel", kernel)
+
+    def sample_noise(self, shape, generator=None, device=None):
+        """z ~ N(0, sigma^2 K K^T) of `shape`: white noise through the kernel ('valid', so no border effect)."""
+        k = self.kernel.shape[-1]
+        white = torch.randn(shape[0], 1, shape[-2] + k - 1, shape[-1] + k - 1, generator=generator,
+                            device=device if device is not None else self.kernel.device)
+        return self.sigma * F.conv2d(white.to(self.kernel.device), self.kernel)
+
+    def forward(self, x):
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        total = torch.zeros_like(x)
+        for _ in range(self.passes):
+            z = self.alpha * self.sample_noise(x.shape, generator, x.device)
+            # x - f(x + a z) = x - (x + a z - net(x + a z)) = net(x + a z) - a z
+            total += self.net(x + z) - z
+        return total / self.passes
+
+
+class CNCLNet(nn.Module):
+    """CNCL: a content branch (x -> clean) and a noise branch (x -> noise), fused by a 1x1 conv
+    of [content, x - noise]; forward returns the noise estimate x - fused."""
+
+    def __init__(self, backbone="unet"):
+        super().__init__()
+        self.content, self.noise = build_generator(backbone), build_generator(backbone)
+        self.fuse = nn.Conv2d(2, 1, 1)
+        with torch.no_grad():  # start as the plain average of the two estimates, not as ~0 (N(0, 0.02) init)
+            self.fuse.weight.fill_(0.5)
+            self.fuse.bias.zero_()
+
+    def branches(self, x):
+        content, noise = self.content(x), self.noise(x)
+        return content, noise, self.fuse(torch.cat([content, x - noise], dim=1))
+
+    def forward(self, x):
+        return x - self.branches(x)[2]
+
+
+class ConditionalPatchGAN(PatchGAN):
+    """The PatchGAN judging an (input, output) pair stacked as channels (pix2pix / CNCL)."""
+
+    def __init__(self, features=64, in_channels=2):
+        super().__init__(features)
+        self.body[0] = nn.Conv2d(in_channels, features, 4, stride=2, padding=1)
+
+
+def _leaky_conv(in_channels, out_channels, kernel=3, stride=1):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, padding=(kernel - 1) // 2 if stride == 1 else 1),
+                         nn.LeakyReLU(0.2, inplace=True))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(_leaky_conv(channels, channels), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class DRGANContentEncoder(nn.Module):
+    """Content code at three scales (H, H/2, H/4). No normalisation layers: DRGAN pushes noisy,
+    clean and generated images through the same encoder, and per-batch (BN) or per-crop (IN)
+    statistics would differ between training crops and whole test B-scans."""
+
+    def __init__(self, features=32):
+        f = features
+        super().__init__()
+        self.stem = _leaky_conv(1, f)
+        self.down1 = _leaky_conv(f, 2 * f, 4, stride=2)
+        self.down2 = nn.Sequential(_leaky_conv(2 * f, 4 * f, 4, stride=2), ResBlock(4 * f))
+
+    def forward(self, x):
+        s1 = self.stem(x)
+        s2 = self.down1(s1)
+        return [s1, s2, self.down2(s2)]
+
+
+class DRGANNoiseEncoder(nn.Module):
+    """Noise code: one vector per image (global average), speckle statistics being stationary."""
+
+    def __init__(self, features=32, code=8):
+        f = features
+        super().__init__()
+        self.body = nn.Sequential(_leaky_conv(1, f), _leaky_conv(f, 2 * f, 4, stride=2), _leaky_conv(2 * f, 2 * f, 4, stride=2),
+                                  nn.AdaptiveAvgPool2d(1), nn.Conv2d(2 * f, code, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class DRGANDecoder(nn.Module):
+    """Content code (+ a noise code broadcast over the coarsest scale) -> image, UNet-style."""
+
+    def __init__(self, features=32, code=0):
+        f = features
+        super().__init__()
+        self.bottom = nn.Sequential(nn.Conv2d(4 * f + code, 4 * f, 1), ResBlock(4 * f))
+        self.up1 = nn.Sequential(nn.Upsample(scale_factor=2), _leaky_conv(4 * f, 2 * f))
+        self.merge1 = _leaky_conv(4 * f, 2 * f)
+        self.up2 = nn.Sequential(nn.Upsample(scale_factor=2), _leaky_conv(2 * f, f))
+        self.merge2 = _leaky_conv(2 * f, f)
+        self.out = nn.Conv2d(f, 1, 3, padding=1)
+
+    def forward(self, content, code=None):
+        s1, s2, s3 = content
+        if code is not None:
+            s3 = torch.cat([s3, code.expand(-1, -1, *s3.shape[-2:])], dim=1)
+        y = self.merge1(torch.cat([self.up1(self.bottom(s3)), s2], dim=1))
+        y = self.merge2(torch.cat([self.up2(y), s1], dim=1))
+        return self.out(y)
+
+
+def init_drgan(module):
+    """He init for the norm-free DRGAN nets: N(0, 0.02) would shrink the signal layer by layer."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, a=0.2, nonlinearity="leaky_relu")
+        nn.init.zeros_(module.bias)
+
+
+class DRGANDenoiser(nn.Module):
+    """DRGAN's inference path: noise = x - clean_decoder(content_encoder(x))."""
+
+    stride = 4
+
+    def __init__(self, features=32):
+        super().__init__()
+        self.content = DRGANContentEncoder(features)
+        self.clean_decoder = DRGANDecoder(features)
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.stride, -width % self.stride
+        y = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+        return x - self.clean_decoder(self.content(y))[..., :height, :width]
+
+
+class DRGAN(nn.Module):
+    """All of DRGAN's generator side in one module (one forward per step, as DDP wants).
+
+    X noisy, Y clean (unpaired). E_C content encoder, E_N noise encoder, G_C clean decoder,
+    G_N noisy decoder (content + noise code):
+        clean_x = G_C(E_C(X)),               noisy_y = G_N(E_C(Y), E_N(X))
+        recon_x = G_N(E_C(X), E_N(X)),       recon_y = G_C(E_C(Y))
+        cycle_x = G_N(E_C(clean_x), E_N(noisy_y)), cycle_y = G_C(E_C(noisy_y))
+    """
+
+    def __init__(self, features=32, code=8):
+        super().__init__()
+        self.denoiser = DRGANDenoiser(features)
+        self.noise_encoder = DRGANNoiseEncoder(features, code)
+        self.noisy_decoder = DRGANDecoder(features, code)
+        self.apply(init_drgan)
+
+    def forward(self, noisy, clean):
+        encode, clean_decoder = self.denoiser.content, self.denoiser.clean_decoder
+        n = len(noisy)
+        content = encode(torch.cat([noisy, clean]))
+        content_x, content_y = [c[:n] for c in content], [c[n:] for c in content]
+        code_x = self.noise_encoder(noisy)
+        clean_x, recon_y = clean_decoder(content).split(n)
+        noisy_y, recon_x = self.noisy_decoder([torch.cat([cy, cx]) for cy, cx in zip(content_y, content_x)],
+                                              torch.cat([code_x, code_x])).split(n)
+        content2 = encode(torch.cat([clean_x, noisy_y]))
+        cycle_y = clean_decoder([c[n:] for c in content2])
+        cycle_x = self.noisy_decoder([c[:n] for c in content2], self.noise_encoder(noisy_y))
+        return {"clean_x": clean_x, "noisy_y": noisy_y, "recon_x": recon_x, "recon_y": recon_y,
+                "cycle_x": cycle_x, "cycle_y": cycle_y}
+
+
+METHODS = ("tcfl", "r2r", "n2n", "cncl", "drgan")
+
+
+def build_denoiser(method, backbone, args=None):
+    """The (untrained) inference module of a method: noisy -> noise, as a TCFL generator.
+
+    args: the run's options as a dict (a checkpoint's "args"); only the method's own are read.
+    """
+    args = args or {}
+    if method in ("tcfl", "n2n"):
+        return build_generator(backbone)
+    if method == "r2r":
+        return R2RDenoiser(build_generator(backbone), alpha=args.get("r2r_alpha", 0.5),
+                           passes=args.get("r2r_passes", 8), seed=args.get("seed", 0))
+    if method == "cncl":
+        return CNCLNet(backbone)
+    if method == "drgan":  # its own encoder/decoder: --backbone does not apply
+        model = DRGANDenoiser()
+        model.apply(init_drgan)
+        return model
+    raise ValueError(f"unknown method {method} (choose from {', '.join(METHODS)})")
+
+
+class Discriminators(nn.ModuleDict):
+    """Several PatchGANs called as one module (one DDP forward per step): {name: images} -> {name: scores}."""
+
+    def __init__(self, names):
+        super().__init__({name: build_discriminator() for name in names})
+
+    def forward(self, batches):
+        return {name: self[name](images) for name, images in batches.items()}

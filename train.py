@@ -40,7 +40,7 @@ def get_parser():
     g.add_argument("--split", default="train", help="split of duke28's splits.json to train on")
     g.add_argument("--n_val", type=int, default=2, help="training-split images held back for validation")
     g.add_argument("--patch_size", type=int, default=64)
-    g.add_argument("--epoch_size", type=int, default=400, help="triplets drawn per epoch")
+    g.add_argument("--epoch_size", type=int, default=100, help="triplets drawn per epoch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--method", default="tcfl", choices=list(trainers.TRAINERS))
@@ -60,8 +60,16 @@ def get_parser():
     g.add_argument("--n_critic", type=int, default=1, help="D updates per G update")
     g.add_argument("--sigma_tv", type=float, default=0.0, help="total-variation weight on the six estimates")
     g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
+    g.add_argument("--zero_mean", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove the spatial mean of G's noise estimate (zero-mean speckle prior; "
+                        "--no-zero_mean: the published recipe)")
     g.add_argument("--pool_size", type=int, default=0, help="replay buffer of past fakes for D (0: off)")
+    g.add_argument("--cosine", action="store_true", help="decay both learning rates to 0 over the run (half cosine)")
     g.add_argument("--ema", type=float, default=0.99, help="EMA decay of G's weights for inference (0: off)")
+    g = p.add_argument_group("other methods (--method; see trainers.py)")
+    g.add_argument("--r2r_alpha", type=float, default=0.5, help="r2r: recorruption strength alpha (input y + alpha z, target y - z / alpha)")
+    g.add_argument("--r2r_passes", type=int, default=8, help="r2r: recorrupted passes averaged at test time")
+    g.add_argument("--n2n_gamma", type=float, default=2.0, help="n2n: final weight of the consistency regulariser (ramped from 0)")
     g = p.add_argument_group("machine")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -186,12 +194,17 @@ def main(argv=None):
             (ckpt_dir / "log.csv").unlink(missing_ok=True)
 
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed)
-    dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
+    if args.method == "cncl":  # supervised: registered (noisy, clean) crops of the training subjects only
+        pairs = trainers.paired_training_data(args.dataset, args.data_root, args.split, val_samples, seed=args.seed)
+        dataset = trainers.PairedCropDataset(pairs, args.patch_size, args.epoch_size, seed=args.seed)
+    else:
+        dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
     steps_per_epoch = args.epoch_size // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise DataError(f"--epoch_size {args.epoch_size} is smaller than one global batch ({args.batch_size} x {world})")
 
     generator = models.build_generator(args.backbone).to(device)
+    generator.zero_mean = args.zero_mean
     discriminator = models.build_discriminator().to(device)
     if ddp and args.sync_bn:
         generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
@@ -199,8 +212,13 @@ def main(argv=None):
         generator, discriminator = generator.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)
     # Under torchrun the trainer updates through DDP wrappers; it keeps the bare modules for saving.
     wrap = (lambda m: DDP(m, device_ids=[device.index] if use_cuda else None)) if ddp else (lambda m: m)
-    trainer = trainers.TRAINERS[args.method](generator, discriminator, args, wrap)
+    # R2R measures its noise model and DRGAN cuts its noise patches on the noisy training images.
+    extra = {} if args.method == "tcfl" else {"noisy_images": noisy}
+    trainer = trainers.TRAINERS[args.method](generator, discriminator, args, wrap, **extra)
 
+    total_steps = args.niter * steps_per_epoch if not args.max_steps else min(args.max_steps, args.niter * steps_per_epoch)
+    if args.cosine:
+        trainer.set_cosine_schedule(args.niter * steps_per_epoch)
     step, history = 0, []
     if args.resume:
         latest = existing[max(existing)]
@@ -220,9 +238,8 @@ def main(argv=None):
         (ckpt_dir / "opt.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
     log_path = ckpt_dir / "log.csv"
-    log_fields = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "noise_distance",
+    log_fields = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "noise_mean", "noise_distance",
                   "input_distance", "noise_spread", "val_psnr", "seconds"]
-    total_steps = args.niter * steps_per_epoch if not args.max_steps else min(args.max_steps, args.niter * steps_per_epoch)
 
     def save_checkpoint(epoch):
         """Rank 0 writes one dict of plain types and tensors (loads with weights_only=True)."""
@@ -300,7 +317,8 @@ def main(argv=None):
         stop_reason = f"interrupted at step {step}; checkpoint saved in {ckpt_dir}, continue with --resume"
     progress.close()
     if ddp:  # DDP keeps replicas in lockstep; show it, so a broken setup cannot go unnoticed
-        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in generator.parameters())).hexdigest()
+        trained = generator if args.method == "tcfl" else trainer.trained_modules()
+        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in trained.parameters())).hexdigest()
         digests = [None] * world
         torch.distributed.all_gather_object(digests, digest)
         if master:

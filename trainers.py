@@ -7,12 +7,27 @@ A training triplet is two unrelated noisy images I_A, I_B and one unrelated clea
 identity = |C_A1 - C_A2| + |C_B1 - C_B2| + |C_C1 - C_C| + |C_C2 - C_C|, and D tells C_C
 (real) from the six estimates (fake). The six G calls are two dependent stages, so they
 run as two batched calls, and D sees all six fakes in one call.
+
+The other training methods (--method r2r | n2n | cncl | drgan) follow TCFLTrainer, with the
+same step / checkpoint / log interface; TRAINERS maps the name to the class.
 """
 import copy
+import math
+import os
+import random
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+import datasets
+import models
+import synthetic
+from datasets import DataError
 
 
 class ReplayBuffer:
@@ -51,6 +66,17 @@ def freeze_batchnorm(model):
             module.eval()
 
 
+@torch.no_grad()
+def update_ema(ema_model, model, decay, updates):
+    """ema <- d * ema + (1 - d) * live, with d warming up as (1 + n) / (10 + n): a short
+    run's average must not be dominated by the random initial weights."""
+    decay = min(decay, (1 + updates) / (10 + updates))
+    for ema, live in zip(ema_model.parameters(), model.parameters()):
+        ema.lerp_(live, 1 - decay)
+    for ema, live in zip(ema_model.buffers(), model.buffers()):
+        ema.copy_(live)
+
+
 class TCFLTrainer:
     """Owns G, D, their optimisers, the GAN loss and one training step."""
 
@@ -60,6 +86,7 @@ class TCFLTrainer:
         self.G, self.D, self.args = generator, discriminator, args
         self.G_train, self.D_train = wrap(generator), wrap(discriminator)
         self.G_ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema else None
+        self.ema_updates = 0
         if args.gan == "wgan":
             # The original WGAN used RMSprop: momentum fights the clipped critic.
             self.opt_g = torch.optim.RMSprop(generator.parameters(), lr=args.lr_g)
@@ -68,18 +95,27 @@ class TCFLTrainer:
             self.opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
             self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
         self.replay = ReplayBuffer(args.pool_size)
+        self.schedulers = []
         # Published LSGAN recipe: 0.1 on the fakes. A WGAN critic estimates mean(D(real)) - mean(D(fake)),
         # so there the six fakes together weigh as much as the one real image.
         self.d_fake_weight = args.d_fake_weight if args.d_fake_weight is not None else (1 / 6 if args.gan == "wgan" else 0.1)
 
     # -- the cross-fusion flow -------------------------------------------------------
-    def fuse(self, noisy_a, noisy_b, clean_c):
+    def noise(self, images):
+        noise = self.G_train(images)
+        if getattr(self.G, "zero_mean", False):  # see models.predict_noise
+            noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
+        return noise
+
+    def fuse(self, noisy_a, noisy_b, clean_c, return_stage2_noise=False):
         """The six clean estimates and the two stage-1 noises, with G called twice."""
-        noise_a, noise_b = self.G_train(torch.cat([noisy_a, noisy_b])).chunk(2)
+        noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b])).chunk(2)
         clean_a1, clean_b1 = noisy_a - noise_a, noisy_b - noise_b
         stage2 = torch.cat([clean_a1 + noise_b, clean_b1 + noise_a, clean_c + noise_a, clean_c + noise_b])
-        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - self.G_train(stage2)).chunk(4)
-        return [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2], (noise_a, noise_b)
+        noise2 = self.noise(stage2)
+        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - noise2).chunk(4)
+        fakes = [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2]
+        return (fakes, (noise_a, noise_b), noise2) if return_stage2_noise else (fakes, (noise_a, noise_b))
 
     def identity_loss(self, fakes, clean_c):
         clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2 = fakes
@@ -96,10 +132,17 @@ class TCFLTrainer:
         return -scores.mean() if real else scores.mean()  # wgan critic
 
     # -- one step ---------------------------------------------------------------------
+    def set_cosine_schedule(self, total_steps):
+        """Both learning rates follow a half cosine from their start value to 0 over the run."""
+        decay = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in (self.opt_g, self.opt_d)]
+
     def step(self, noisy_a, noisy_b, clean_c):
         """One G update, then --n_critic D updates (G first, as published); floats for the log."""
         fakes, stats = self.generator_step(noisy_a, noisy_b, clean_c)
         stats["loss_d"] = self.discriminator_step(clean_c, fakes)
+        for scheduler in self.schedulers:
+            scheduler.step()
         return stats
 
     def autocast(self, device):
@@ -113,7 +156,7 @@ class TCFLTrainer:
         # D's weights are constants here: skip their gradients (and DDP's sync of them).
         self.D.requires_grad_(False)
         with self.autocast(noisy_a.device):
-            fakes, (noise_a, noise_b) = self.fuse(noisy_a, noisy_b, clean_c)
+            fakes, (noise_a, noise_b), noise2 = self.fuse(noisy_a, noisy_b, clean_c, return_stage2_noise=True)
             fakes = torch.cat(fakes).float()
             # Sum over the six fakes of each one's mean loss = 6 x the mean over all of them.
             adversarial = 6 * self.gan_loss(self.D(fakes).float(), real=True)
@@ -134,6 +177,7 @@ class TCFLTrainer:
             noises = torch.cat([noise_a, noise_b])
             stats = {
                 "loss_g": loss_g.item(), "adversarial": adversarial.item(), "identity": identity.item(),
+                "noise_mean": torch.cat([noise_a, noise_b]).mean(dim=(1, 2, 3)).abs().mean().item(),
                 # Collapse guard: a constant G makes both of these exactly zero.
                 "noise_distance": noise_distance.item(),
                 "input_distance": F.l1_loss(noisy_a, noisy_b).item(),
@@ -163,12 +207,9 @@ class TCFLTrainer:
 
     @torch.no_grad()
     def update_ema(self):
-        if self.G_ema is None:
-            return
-        for ema, live in zip(self.G_ema.parameters(), self.G.parameters()):
-            ema.lerp_(live, 1 - self.args.ema)
-        for ema, live in zip(self.G_ema.buffers(), self.G.buffers()):
-            ema.copy_(live)
+        if self.G_ema is not None:
+            self.ema_updates += 1
+            update_ema(self.G_ema, self.G, self.args.ema, self.ema_updates)
 
     def inference_generator(self):
         """The generator to denoise with: the EMA copy when kept (never DDP-wrapped)."""
@@ -178,8 +219,10 @@ class TCFLTrainer:
         return {
             "generator": self.G.state_dict(), "discriminator": self.D.state_dict(),
             "generator_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
+            "ema_updates": self.ema_updates,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "replay": list(self.replay.images),
+            "schedulers": [s.state_dict() for s in self.schedulers],
         }
 
     def load_state_dict(self, state):
@@ -187,9 +230,12 @@ class TCFLTrainer:
         self.D.load_state_dict(state["discriminator"])
         if self.G_ema is not None and state.get("generator_ema") is not None:
             self.G_ema.load_state_dict(state["generator_ema"])
+            self.ema_updates = state.get("ema_updates", 0)
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.replay.images = list(state.get("replay", []))
+        for scheduler, saved in zip(self.schedulers, state.get("schedulers", [])):
+            scheduler.load_state_dict(saved)
 
 
 def collapse_warning(stats, tolerance=0.01):
@@ -207,3 +253,542 @@ def collapse_warning(stats, tolerance=0.01):
 
 
 TRAINERS = {"tcfl": TCFLTrainer}
+
+
+# =====================================================================================
+# Alternative training methods (--method r2r | n2n | cncl | drgan)
+#
+# Same interface as TCFLTrainer: step(noisy_a, noisy_b, clean_c) -> dict of floats (the keys
+# train.py logs), state_dict()/load_state_dict(), inference_generator() -> a module mapping a
+# noisy image to its NOISE estimate (models.build_denoiser rebuilds it from a checkpoint), and
+# set_cosine_schedule(). The log's "identity" column holds each method's reconstruction loss,
+# and the collapse guard compares the noise estimates of two different inputs, as for TCFL.
+# =====================================================================================
+
+
+# ---------------------------------------------------------------- background (pure-noise) patches
+
+def background_corners(image, size, margin=16):
+    """(top, left) of every size x size window of `image` that is signal-free background.
+
+    How: the speckle is smoothed away with a Gaussian of 4 px axially and 16 px laterally (layer
+    boundaries are nearly horizontal). A pixel holds signal where that smooth image is brighter
+    than a third of the way from the background level (its 20th percentile: vitreous and the
+    region below the choroid fill far more than a fifth of a B-scan) to the Otsu threshold of
+    the bright layers; the low threshold keeps the fading choroid out. In each column the
+    retina spans from its first to its last signal pixel (the dark nuclear layers lie in
+    between); a window is background when it lies at least `margin` px above or below that
+    span in every one of its columns. On the synthetic scans no accepted 32 px window holds
+    reference structure above 0.016 std; on Duke's, 0.03 apart from the averaging's dark edge.
+    """
+    height, width = image.shape
+    if height < size or width < size:
+        return np.zeros((0, 2), dtype=np.int64)
+    smooth = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), (4, 16))
+    low = float(np.percentile(smooth, 20))
+    try:
+        threshold = low + (threshold_otsu(smooth) - low) / 3
+    except ValueError:  # a constant image: nothing to tell apart, no retina
+        threshold = np.inf
+    signal = smooth > threshold
+    has_signal = signal.any(axis=0)
+    first = np.where(has_signal, signal.argmax(axis=0), height)
+    last = np.where(has_signal, height - 1 - signal[::-1].argmax(axis=0), -1)
+    rows = np.arange(height)[:, None]
+    tissue = (rows >= first - margin) & (rows <= last + margin)
+    # Windows holding no tissue pixel: a zero box sum over the integral image.
+    integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    box = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    return np.argwhere(box == 0)
+
+
+class NoisePatches:
+    """Pure-noise patches cut at random from the background of the noisy training images.
+
+    Each patch has its own mean subtracted: the background is speckle on a constant level,
+    and what DRGAN's noise discriminator compares it with is a residual x - clean(x).
+    """
+
+    def __init__(self, images, size):
+        self.images, self.size = images, size
+        found = [np.column_stack([np.full(len(c), i), c]) for i, image in enumerate(images)
+                 if len(c := background_corners(image, size))]
+        if not found:
+            raise DataError(f"no signal-free background patch of --patch_size {size} above or below the retina "
+                            f"in the {len(images)} noisy training images; use a smaller --patch_size")
+        self.corners = np.concatenate(found)
+
+    def sample(self, count, generator):
+        picks = torch.randint(len(self.corners), (count,), generator=generator).tolist()
+        flips = torch.rand(count, generator=generator).tolist()
+        patches = []
+        for pick, flip in zip(picks, flips):
+            i, top, left = self.corners[pick]
+            patch = self.images[i][top:top + self.size, left:left + self.size]
+            patch = patch[:, ::-1] if flip < 0.5 else patch
+            patches.append(torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32)))
+        patches = torch.stack(patches)[:, None]
+        return patches - patches.mean(dim=(-2, -1), keepdim=True)
+
+
+# ---------------------------------------------------------------- R2R's noise model
+
+# 10*log10 of unit-mean exponential speckle: its 90% - 50% quantile spread is 5.21 dB and
+# its std 5.57 dB, so std = spread / 0.936 whatever the display's dB range.
+SPECKLE_SPREAD_PER_STD = 10 * np.log10(np.log(10) / np.log(2)) / (10 / np.log(10) * np.pi / np.sqrt(6))
+
+
+def estimate_noise_model(images, size=32, radius=3, max_patches=1000):
+    """(sigma, kernel) of the display-domain speckle, measured on background patches.
+
+    sigma: the median over patches of their 90%-50% quantile spread / 0.936, the ratio for
+    log-compressed fully developed speckle: the spread ignores the pixels the display clips to
+    black in the background, so it measures the unclipped noise level found inside the retina.
+    kernel: (2 radius + 1)^2, unit energy, the spectral square root of the patches' mean
+    autocorrelation, so white noise through it has the speckle's spatial correlation.
+    """
+    half = size // 2  # windows overlapping by half at most
+    corners = [(i, top, left) for i, image in enumerate(images)
+               for top, left in background_corners(image, size) if top % half == 0 and left % half == 0]
+    if not corners:
+        raise DataError(f"R2R: no signal-free background patch of {size} x {size} in the noisy training "
+                        "images to measure the noise on")
+    step = max(1, len(corners) // max_patches)
+    patches = np.stack([images[i][top:top + size, left:left + size] for i, top, left in corners[::step]]).astype(np.float64)
+    q50, q90 = np.percentile(patches.reshape(len(patches), -1), [50, 90], axis=1)
+    sigma = float(np.median(q90 - q50) / SPECKLE_SPREAD_PER_STD)
+    centred = patches - patches.mean(axis=(1, 2), keepdims=True)
+    spectrum = np.fft.rfft2(centred, s=(2 * size, 2 * size))  # zero padding: no wrap-around
+    autocorr = np.fft.fftshift(np.fft.irfft2(np.abs(spectrum) ** 2, s=(2 * size, 2 * size)).mean(0))
+    c = size
+    window = autocorr[c - radius:c + radius + 1, c - radius:c + radius + 1] / autocorr[c, c]
+    # Spectral factorisation: power spectrum of the windowed autocorrelation, its square root, back.
+    grid = 8 * (2 * radius + 1)
+    padded = np.zeros((grid, grid))
+    padded[:2 * radius + 1, :2 * radius + 1] = window
+    padded = np.roll(padded, (-radius, -radius), axis=(0, 1))
+    kernel = np.fft.fftshift(np.fft.ifft2(np.sqrt(np.clip(np.fft.fft2(padded).real, 0, None))).real)
+    kernel = kernel[grid // 2 - radius:grid // 2 + radius + 1, grid // 2 - radius:grid // 2 + radius + 1]
+    kernel /= np.sqrt((kernel ** 2).sum())
+    return sigma, torch.tensor(kernel, dtype=torch.float32)[None, None]
+
+
+# ---------------------------------------------------------------- shared machinery
+
+def _rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def guard_stats(noise, inputs):
+    """The collapse guard's numbers for N >= 2 different inputs and their noise estimates,
+    and |spatial mean| of the estimates (zero for display-domain speckle), as TCFL logs them."""
+    with torch.no_grad():
+        return {"noise_mean": noise.mean(dim=(1, 2, 3)).abs().mean().item(),
+                "noise_distance": F.l1_loss(noise, noise.roll(1, 0)).item(),
+                "input_distance": F.l1_loss(inputs, inputs.roll(1, 0)).item(),
+                "noise_spread": noise.std(dim=0).mean().item()}
+
+
+def gan_loss(scores, real, kind):
+    if kind == "lsgan":
+        return F.mse_loss(scores, torch.full_like(scores, float(real)))
+    return F.binary_cross_entropy_with_logits(scores, torch.full_like(scores, float(real)))
+
+
+class MethodTrainer:
+    """What the alternative methods share: the inference module and its EMA copy, optimisers,
+    the cosine schedule, a private random generator (so a resumed run draws the same
+    recorruptions / masks / patches as an uninterrupted one) and the checkpoint layout."""
+
+    method = None
+
+    def __init__(self, model, args, discriminator=None):
+        self.model, self.args, self.D = model, args, discriminator  # model: the inference module
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
+        self.rng = torch.Generator().manual_seed(args.seed * 1000 + _rank())
+        self.opt_g = torch.optim.Adam(self.trained_modules().parameters(), lr=args.lr_g, betas=(0.5, 0.999))
+        self.opt_d = None if discriminator is None else torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
+        self.schedulers = []
+
+    def trained_modules(self):
+        """Everything opt_g updates (DRGAN: more than the inference module)."""
+        return self.model
+
+    def train_mode(self):
+        self.trained_modules().train()
+        if self.args.frozen_bn:
+            freeze_batchnorm(self.trained_modules())
+
+    def autocast(self, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    def optimizers(self):
+        return [opt for opt in (self.opt_g, self.opt_d) if opt is not None]
+
+    def set_cosine_schedule(self, total_steps):
+        """Every learning rate follows a half cosine from its start value to 0 over the run."""
+        decay = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in self.optimizers()]
+
+    def update(self, loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def finish_step(self, stats):
+        self.update_ema()
+        for scheduler in self.schedulers:
+            scheduler.step()
+        return {"loss_d": 0.0, "adversarial": 0.0, **stats}
+
+    @torch.no_grad()
+    def update_ema(self):
+        if self.ema is None:
+            return
+        for ema, live in zip(self.ema.parameters(), self.model.parameters()):
+            ema.lerp_(live, 1 - self.args.ema)
+        for ema, live in zip(self.ema.buffers(), self.model.buffers()):
+            ema.copy_(live)
+
+    def inference_generator(self):
+        return self.ema if self.ema is not None else self.model
+
+    def state_dict(self):
+        return {
+            "generator": self.model.state_dict(),
+            "generator_ema": self.ema.state_dict() if self.ema is not None else None,
+            "discriminator": self.D.state_dict() if self.D is not None else {},
+            "trained": self.trained_modules().state_dict() if self.trained_modules() is not self.model else {},
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else {},
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "trainer_rng": self.rng.get_state(),
+        }
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["generator"])
+        if state.get("trained"):
+            self.trained_modules().load_state_dict(state["trained"])
+        if self.ema is not None and state.get("generator_ema") is not None:
+            self.ema.load_state_dict(state["generator_ema"])
+        if self.D is not None:
+            self.D.load_state_dict(state["discriminator"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        for scheduler, saved in zip(self.schedulers, state.get("schedulers", [])):
+            scheduler.load_state_dict(saved)
+        if "trainer_rng" in state:
+            self.rng.set_state(state["trainer_rng"])
+
+
+# ---------------------------------------------------------------- R2R
+
+class R2RTrainer(MethodTrainer):
+    """Recorrupted-to-recorrupted (Pang et al., CVPR 2021), self-supervised on noisy images only:
+
+        loss = | f(y + alpha z) - (y - z / alpha) |^2,  f(v) = v - G(v),  z ~ N(0, Sigma_n),
+
+    and at test time noise = y - mean_k f(y + alpha z_k) (--r2r_passes recorruptions).
+
+    Noise model: additive, signal-independent noise in the display (log-intensity) domain with
+    the std and the spatial correlation of the speckle, Gaussian z. Why: log compression turns
+    multiplicative speckle into additive noise whose std does not depend on the signal (5.57 dB
+    for fully developed speckle), which is what R2R needs; Gaussian z then makes the input and
+    target noises uncorrelated (Cov = Sigma_n - Sigma_z = 0), R2R's condition, exactly for
+    Gaussian n and to second order for the skewed log-speckle. A std alone is not enough: with
+    white z the speckle's neighbour correlation survives in both input and target and the net
+    learns to keep the speckle grain. Both are measured on the signal-free background of the
+    noisy training images (estimate_noise_model), not assumed; sigma and the kernel are saved in
+    the checkpoint with the weights. Dark background clips part of the speckle to black, which
+    is why sigma comes from upper quantiles, not the std.
+    """
+
+    method = "r2r"
+
+    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
+        if noisy_images is None:
+            raise ValueError("R2RTrainer needs the noisy training images to measure the noise on")
+        device = next(generator.parameters()).device
+        model = models.R2RDenoiser(generator, alpha=args.r2r_alpha, passes=args.r2r_passes, seed=args.seed).to(device)
+        sigma, kernel = estimate_noise_model(noisy_images)
+        model.sigma.fill_(sigma)
+        model.kernel.copy_(kernel.to(model.kernel.device))
+        super().__init__(model, args)
+        self.G_train = wrap(generator)
+
+    def step(self, noisy_a, noisy_b, clean_c):
+        self.train_mode()
+        alpha, y = self.args.r2r_alpha, torch.cat([noisy_a, noisy_b])  # both noisy crops are training data
+        z = self.model.sample_noise(y.shape, self.rng, "cpu")
+        source, target = y + alpha * z, y - z / alpha
+        with self.autocast(y.device):
+            noise = self.G_train(source).float()
+        loss = F.mse_loss(source - noise, target)
+        self.update(loss, self.opt_g)
+        return self.finish_step({"loss_g": loss.item(), "identity": loss.item(), **guard_stats(noise.detach(), source)})
+
+
+# ---------------------------------------------------------------- Neighbor2Neighbor
+
+# The 8 ordered pairs of 4-neighbours in a 2 x 2 cell (0 1 / 2 3); diagonals are not neighbours.
+NEIGHBOUR_PAIRS = torch.tensor([[0, 1], [0, 2], [1, 3], [2, 3], [1, 0], [2, 0], [3, 1], [3, 2]])
+
+
+def neighbour_masks(shape, generator):
+    """For each 2 x 2 cell of an (N, 1, H, W) batch, the cell positions (0..3) of the two sub-images."""
+    n, _, height, width = shape
+    choice = torch.randint(len(NEIGHBOUR_PAIRS), (n, height // 2, width // 2), generator=generator)
+    return NEIGHBOUR_PAIRS[choice].unbind(-1)
+
+
+def subsample(images, positions):
+    """The (N, 1, H/2, W/2) sub-image taking, in each 2 x 2 cell, the pixel at `positions`."""
+    n, c, height, width = images.shape
+    cells = F.pixel_unshuffle(images, 2)  # (N, 4, H/2, W/2): channel k = cell position k
+    return cells.gather(1, positions.to(images.device)[:, None].expand(n, c, -1, -1))
+
+
+class N2NTrainer(MethodTrainer):
+    """Neighbor2Neighbor (Huang et al., CVPR 2021), self-supervised on noisy images only:
+    a random neighbour sub-sampler (g1, g2) splits y into two half-size images of the same
+    scene with independent noise, f(v) = v - G(v), and
+
+        loss = |f(g1(y)) - g2(y)|^2 + gamma_t |f(g1(y)) - g2(y) - (g1(f(y)) - g2(f(y)))|^2,
+
+    f(y) without gradient; gamma_t ramps linearly from 0 to --n2n_gamma over the planned run
+    (--niter epochs), as the authors' code does per epoch. OCT caveat: the estimate is unbiased
+    only where neighbouring pixels' noise is independent; measured lag-1 speckle correlation on
+    the Duke scans is ~0.09 axially and ~0 laterally, on the synthetic set 0.6 laterally.
+    """
+
+    method = "n2n"
+
+    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
+        if args.patch_size % 2:
+            raise DataError(f"--method n2n halves the crops: --patch_size must be even, got {args.patch_size}")
+        super().__init__(generator, args)
+        self.G_train = wrap(generator)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        self.total_steps = max(1, args.niter * (args.epoch_size // (args.batch_size * world)))
+        self.steps = 0
+
+    def step(self, noisy_a, noisy_b, clean_c):
+        self.train_mode()
+        y = torch.cat([noisy_a, noisy_b])
+        first, second = neighbour_masks(y.shape, self.rng)
+        sub1, sub2 = subsample(y, first), subsample(y, second)
+        with torch.no_grad(), self.autocast(y.device):
+            denoised = y - self.model(y).float()  # bare module: one DDP forward per backward
+        with self.autocast(y.device):
+            noise = self.G_train(sub1).float()
+        diff = sub1 - noise - sub2
+        reconstruction = (diff ** 2).mean()
+        regulariser = ((diff - (subsample(denoised, first) - subsample(denoised, second))) ** 2).mean()
+        self.steps += 1
+        gamma = self.args.n2n_gamma * min(1.0, self.steps / self.total_steps)
+        loss = reconstruction + gamma * regulariser
+        self.update(loss, self.opt_g)
+        return self.finish_step({"loss_g": loss.item(), "identity": reconstruction.item(), **guard_stats(noise.detach(), sub1)})
+
+    def state_dict(self):
+        return {**super().state_dict(), "n2n_steps": self.steps}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.steps = state.get("n2n_steps", 0)
+
+
+# ---------------------------------------------------------------- CNCL (paired)
+
+class PairedCropDataset(torch.utils.data.Dataset):
+    """(noisy_i, noisy_j, clean_i): a registered noisy/clean pair cropped at the same place
+    (same left-right flip) and, as TCFL's I_B, a crop of another pair's noisy image (used by
+    the collapse guard only). Reproducible from (seed, epoch, index) like TripletDataset."""
+
+    def __init__(self, pairs, patch_size, length, seed=0):
+        if not pairs:
+            raise DataError("--method cncl: no registered noisy/clean training pairs")
+        for noisy, clean in pairs:
+            if noisy.shape != clean.shape:
+                raise DataError(f"--method cncl: a training pair's noisy {noisy.shape} and clean {clean.shape} sizes differ")
+            if min(noisy.shape) < patch_size:
+                raise DataError(f"--method cncl: training pair of size {noisy.shape[0]}x{noisy.shape[1]} "
+                                f"is smaller than --patch_size {patch_size}")
+        self.pairs, self.patch_size, self.length, self.seed, self.epoch = pairs, patch_size, length, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        i = rng.randrange(len(self.pairs))
+        j = rng.choice([k for k in range(len(self.pairs)) if k != i] or [i])
+        noisy, clean = self.pairs[i]
+        size = self.patch_size
+        top, left = rng.randrange(noisy.shape[0] - size + 1), rng.randrange(noisy.shape[1] - size + 1)
+        crops = [noisy[top:top + size, left:left + size], clean[top:top + size, left:left + size]]
+        if rng.random() < 0.5:  # left-right only: up-down would put the vitreous below the retina
+            crops = [crop[:, ::-1] for crop in crops]
+        other = self.pairs[j][0]
+        top, left = rng.randrange(other.shape[0] - size + 1), rng.randrange(other.shape[1] - size + 1)
+        crops.insert(1, other[top:top + size, left:left + size])
+        return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None] for crop in crops)
+
+
+def paired_training_data(dataset, root, split, val_samples, seed=0, n_synthetic=64, synthetic_size=256):
+    """Registered (noisy, clean) training pairs for CNCL: duke28's test.tif + average.tif of the
+    training subjects, minus the validation subjects held back and any test subject; for the
+    synthetic set, fresh noisy_clean_pair phantoms (none shared with its test or validation sets)."""
+    if dataset == "synthetic":
+        # Integer seeds: SyntheticOCT's own images use (seed, split, index) tuples, a different stream.
+        return [synthetic.noisy_clean_pair(10**6 * (seed + 1) + i, synthetic_size, synthetic_size) for i in range(n_synthetic)]
+    if dataset != "duke28":
+        raise DataError(f"--method cncl trains on registered noisy/clean pairs; --dataset {dataset} is unpaired "
+                        "(use duke28, whose test.tif/average.tif are registered, or synthetic)")
+    held_back = {sample.id for sample in val_samples}
+    test_ids = set((datasets._read_splits(Path(root)) or {}).get("test", []))
+    pairs = [(s.noisy, s.clean) for s in datasets.load_pairs("duke28", root, split) if s.id not in held_back | test_ids]
+    if not pairs:
+        raise DataError(f"{root}: split '{split}' leaves no training subject for --method cncl after holding back "
+                        f"{len(held_back)} for validation")
+    return pairs
+
+
+class Branches(nn.Module):
+    """CNCLNet.branches as a forward: DDP synchronises the gradients of forward() calls only."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.branches(x)
+
+
+class CNCLTrainer(MethodTrainer):
+    """Content-noise complementary learning (Geng et al., TMI 2022), supervised by registered pairs
+    (x noisy, y clean): a content branch C (x -> y) and a noise branch N (x -> x - y), both
+    --backbone nets (two UNets in the paper), fused by a 1x1 conv F of [C(x), x - N(x)]; a
+    conditional PatchGAN D judges (x, image) pairs:
+
+        loss_G = GAN(D(x, F)) + 100 (|C(x) - y| + |N(x) - (x - y)| + |F - y|),
+        loss_D = (GAN(D(x, y), real) + GAN(D(x, F.detach()), fake)) / 2.
+
+    The 100 x L1 and cGAN are the paper's; the per-branch L1 terms are how each branch learns
+    its own target. lr: --lr_g/--lr_d (2e-4, ten times the paper's 2e-5, for short runs).
+    """
+
+    method = "cncl"
+    l1_weight = 100.0
+
+    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
+        if args.gan not in ("lsgan", "vanilla"):
+            raise DataError(f"--method cncl supports --gan lsgan or vanilla, not {args.gan}")
+        device = next(generator.parameters()).device
+        model, D = models.CNCLNet(args.backbone).to(device), models.ConditionalPatchGAN().to(device)
+        if args.sync_bn and torch.distributed.is_initialized():  # built here, so train.py could not convert it
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        D.apply(models.init_weights)
+        super().__init__(model, args, D)
+        self.branches_train, self.D_train = wrap(Branches(model)), wrap(D)
+
+    def step(self, noisy, noisy_other, clean):
+        self.train_mode()
+        with self.autocast(noisy.device):
+            content, noise, fused = (t.float() for t in self.branches_train(noisy))
+        self.D.requires_grad_(False)
+        with self.autocast(noisy.device):
+            adversarial = gan_loss(self.D(torch.cat([noisy, fused], dim=1)).float(), True, self.args.gan)
+        identity = F.l1_loss(content, clean) + F.l1_loss(noise, noisy - clean) + F.l1_loss(fused, clean)
+        loss_g = adversarial + self.l1_weight * identity
+        self.update(loss_g, self.opt_g)
+        self.D.requires_grad_(True)
+        with self.autocast(noisy.device):
+            scores = self.D_train(torch.cat([torch.cat([noisy, clean], 1), torch.cat([noisy, fused.detach()], 1)])).float()
+        loss_d = 0.5 * (gan_loss(scores[:len(noisy)], True, self.args.gan) + gan_loss(scores[len(noisy):], False, self.args.gan))
+        self.update(loss_d, self.opt_d)
+        estimate = (noisy - fused).detach()
+        if len(noisy) == 1:  # the guard needs two different inputs
+            with torch.no_grad():
+                estimate, noisy = torch.cat([estimate, self.model(noisy_other)]), torch.cat([noisy, noisy_other])
+        return self.finish_step({"loss_g": loss_g.item(), "loss_d": loss_d.item(), "adversarial": adversarial.item(),
+                                 "identity": identity.item(), **guard_stats(estimate, noisy)})
+
+
+# ---------------------------------------------------------------- DRGAN
+
+class DRGANTrainer(MethodTrainer):
+    """Disentangled-representation GAN for unpaired OCT (Huang et al., TMI 2021, "noise-powered
+    disentangled representation"). X noisy, Y an unrelated clean image, P pure-noise patches
+    (see models.DRGAN for the encoders/decoders and the six images of a step):
+
+        loss_G = GAN_C(clean_x) + GAN_N(noisy_y) + 10 (|cycle_x - X| + |cycle_y - Y|)
+                 + 10 (|recon_x - X| + |recon_y - Y|) + GAN_P(X - clean_x) + GAN_P(noisy_y - Y),
+
+    D_C: Y real, clean_x fake; D_N: X real, noisy_y fake; D_P: P real, the two residuals fake
+    (each D: (real + fake) / 2, LSGAN). Inference: noise = X - G_C(E_C(X)).
+    P: random patches of --patch_size from the signal-free background of the noisy training
+    images, above or below the retina (background_corners), each minus its own mean.
+    --backbone does not apply: DRGAN has its own encoders and decoders.
+    """
+
+    method = "drgan"
+    cycle_weight, recon_weight, noise_weight = 10.0, 10.0, 1.0
+
+    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
+        if noisy_images is None:
+            raise ValueError("DRGANTrainer needs the noisy training images to cut noise patches from")
+        if args.gan not in ("lsgan", "vanilla"):
+            raise DataError(f"--method drgan supports --gan lsgan or vanilla, not {args.gan}")
+        if args.patch_size % 4:
+            raise DataError(f"--method drgan downsamples by 4: --patch_size must be a multiple of 4, got {args.patch_size}")
+        if _rank() == 0:
+            print(f"note: --method drgan has its own encoders and decoders; --backbone {args.backbone} is not used")
+        self.noise_patches = NoisePatches(noisy_images, args.patch_size)
+        device = next(generator.parameters()).device
+        self.networks = models.DRGAN().to(device)
+        D = models.Discriminators(["clean", "noisy", "noise"]).to(device)
+        super().__init__(self.networks.denoiser, args, D)
+        self.networks_train, self.D_train = wrap(self.networks), wrap(D)
+
+    def trained_modules(self):
+        return self.networks
+
+    def step(self, noisy, noisy_other, clean):
+        self.train_mode()
+        kind = self.args.gan
+        gan = lambda name, images, real: gan_loss(self.D[name](images).float(), real, kind)
+        patches = self.noise_patches.sample(len(noisy), self.rng).to(noisy.device)
+        with self.autocast(noisy.device):
+            out = {k: v.float() for k, v in self.networks_train(noisy, clean).items()}
+        residual_x, residual_y = noisy - out["clean_x"], out["noisy_y"] - clean
+        self.D.requires_grad_(False)
+        with self.autocast(noisy.device):
+            adversarial = gan("clean", out["clean_x"], True) + gan("noisy", out["noisy_y"], True)
+            noise_gan = 2 * gan("noise", torch.cat([residual_x, residual_y]), True)  # the sum of the two terms
+        cycle = F.l1_loss(out["cycle_x"], noisy) + F.l1_loss(out["cycle_y"], clean)
+        recon = F.l1_loss(out["recon_x"], noisy) + F.l1_loss(out["recon_y"], clean)
+        loss_g = adversarial + self.cycle_weight * cycle + self.recon_weight * recon + self.noise_weight * noise_gan
+        self.update(loss_g, self.opt_g)
+        self.D.requires_grad_(True)
+        # All three Ds in one call through the (DDP-wrapped) container; each sees [real; fake].
+        batches = {"clean": (clean, out["clean_x"]), "noisy": (noisy, out["noisy_y"]),
+                   "noise": (patches, torch.cat([residual_x, residual_y]))}
+        with self.autocast(noisy.device):
+            scores = self.D_train({name: torch.cat([real, fake.detach()]) for name, (real, fake) in batches.items()})
+        loss_d = 0.0
+        for name, (real, _) in batches.items():
+            s = scores[name].float()
+            loss_d = loss_d + 0.5 * (gan_loss(s[:len(real)], True, kind) + gan_loss(s[len(real):], False, kind))
+        self.update(loss_d, self.opt_d)
+        estimate = residual_x.detach()
+        if len(noisy) == 1:
+            with torch.no_grad():
+                estimate, noisy = torch.cat([estimate, self.model(noisy_other)]), torch.cat([noisy, noisy_other])
+        return self.finish_step({"loss_g": loss_g.item(), "loss_d": loss_d.item(), "adversarial": (adversarial + noise_gan).item(),
+                                 "identity": (cycle + recon).item(), **guard_stats(estimate, noisy)})
+
+
+TRAINERS.update({"r2r": R2RTrainer, "n2n": N2NTrainer, "cncl": CNCLTrainer, "drgan": DRGANTrainer})

@@ -124,3 +124,19 @@ def all_metrics(ref, img):
     """{name: metric(ref, img)} for every metric in METRICS."""
     ref, img = _check(ref, img)
     return {name: fn(ref, img) for name, fn in METRICS.items()}
+
+
+# ---- image helpers ----
+
+def at_lateral_scale(fn, image, factor):
+    """fn(image binned factor:1 laterally), resized back to the image's size.
+
+    OCT speckle grain is longer laterally than axially and averaged references are
+    smooth laterally, so the classical baselines denoise a laterally binned B-scan.
+    """
+    import cv2
+    if factor <= 1:
+        return fn(image).astype(np.float32)
+    height, width = image.shape
+    small = cv2.resize(image, (max(1, round(width / factor)), height), interpolation=cv2.INTER_AREA)
+    return cv2.resize(fn(small).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)

@@ -11,7 +11,6 @@ B-scan with each method's output and a zoomed inset (real scans: git-ignored).
 """
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -12,7 +12,6 @@ a batch the size of one step's six evaluations) against torch.matmul's on this m
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from common import machine, matmul_gflops, save, timeit
 

@@ -1,7 +1,6 @@
 """TCFL trainer, train.py and evaluate.py --epoch: tiny images, a few steps, never real training."""
 import csv
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +227,33 @@ def test_wrong_architecture_checkpoint_is_one_clear_error(tmp_path):
     torch.save({"generator": models.build_generator("unet").state_dict(), "backbone": "dncnn"}, path)
     with pytest.raises(DataError, match="do not fit a dncnn generator"):
         evaluate.load_generator(path)
+
+
+def test_identity_losses_are_blind_to_a_constant_offset_which_zero_mean_removes():
+    """Why --zero_mean exists: G + c gives the same identity loss, so only D would pin c."""
+    torch.manual_seed(0)
+    base = BlurResidual()
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) + 0.2
+
+    a, b, c = triplet()
+    results = {}
+    for zero_mean in (False, True):
+        for name, generator in (("base", base), ("shifted", Shifted())):
+            generator.zero_mean = zero_mean
+            trainer = trainers.TCFLTrainer(generator, models.build_discriminator(), trainer_args())
+            with torch.no_grad():
+                fakes, _ = trainer.fuse(a, b, c)
+            results[zero_mean, name] = (trainer.identity_loss(fakes, c).item(), torch.cat(fakes).mean().item())
+    assert results[False, "base"][0] == pytest.approx(results[False, "shifted"][0], abs=1e-5)
+    assert results[False, "shifted"][1] < results[False, "base"][1] - 0.1  # the offset darkens every estimate
+    assert results[True, "shifted"][1] == pytest.approx(results[True, "base"][1], abs=1e-5)
+    x = torch.rand(1, 1, 40, 50)
+    Shifted.zero_mean = True
+    assert models.predict_noise(Shifted(), x, tile=16).mean().abs() < 1e-6  # whole-image mean, after tiling
