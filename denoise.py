@@ -75,7 +75,7 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or multi-page TIFF stacks")
     parser.add_argument("--out", required=True, help="output folder (not an input's own folder)")
     parser.add_argument("--method", default="model", choices=["model", "bm3d", "nlm"])
-    parser.add_argument("--epoch", type=int, default=None, help="use <ckpt_dir>/epoch_N.pth")
+    parser.add_argument("--epoch", type=evaluate.epoch_arg, default=None, help="use <ckpt_dir>/epoch_N.pth ('best': best validation)")
     parser.add_argument("--ckpt", default=None, help=f"checkpoint file (default: {SHIPPED_CHECKPOINT.name})")
     parser.add_argument("--ckpt_dir", default="ckpt")
     parser.add_argument("--ensemble", action="store_true", help="average the 8 flips/rotations (8x slower)")

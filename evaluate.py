@@ -157,20 +157,56 @@ def load_generator(path, device="cpu"):
     except RuntimeError as error:
         raise DataError(f"{path}: weights do not fit a {name} generator "
                         f"({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error})") from None
-    generator.zero_mean = bool((state.get("args") or {}).get("zero_mean", False))
+    # Only TCFL trains with the zero-mean projection (train.py --zero_mean), so only it uses it here.
+    generator.zero_mean = method == "tcfl" and bool((state.get("args") or {}).get("zero_mean", False))
     return generator.to(device).eval(), state
+
+
+def export_generator(path, out):
+    """Write the inference weights of a training checkpoint as a small shippable file."""
+    _, state = load_generator(path)
+    weights = state.get("generator_ema") or state["generator"]
+    keep = {k: state[k] for k in ("method", "backbone", "args", "epoch", "step", "history") if k in state}
+    torch.save({**keep, "generator": weights, "source": Path(path).name}, out)
+    print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB): {keep.get('method', 'tcfl')} / {keep['backbone']}, "
+          f"epoch {keep.get('epoch')}, step {keep.get('step')}")
 
 
 def checkpoint_path(args):
     """--ckpt PATH, or --epoch N inside --ckpt_dir, with the available epochs named when missing."""
     if args.ckpt:
         return Path(args.ckpt)
-    path = Path(args.ckpt_dir) / f"epoch_{args.epoch}.pth"
+    epoch = best_epoch(args.ckpt_dir) if args.epoch == "best" else args.epoch
+    path = Path(args.ckpt_dir) / f"epoch_{epoch}.pth"
     if not path.is_file():
         epochs = sorted(int(p.stem.split("_")[1]) for p in Path(args.ckpt_dir).glob("epoch_*.pth") if p.stem.split("_")[1].isdigit())
         available = f"available epochs: {', '.join(map(str, epochs))}" if epochs else "no epoch_N.pth there (train first)"
         raise DataError(f"{path}: checkpoint not found; {available}")
     return path
+
+
+def epoch_arg(value):
+    """--epoch N, or --epoch best: the epoch with the highest validation PSNR."""
+    if value == "best":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch number or 'best', got '{value}'") from None
+
+
+def best_epoch(ckpt_dir):
+    """The epoch whose validation PSNR (held-back training images, never the test split) is highest."""
+    log = Path(ckpt_dir) / "log.csv"
+    if not log.is_file():
+        raise DataError(f"{log}: no training log, so no validation scores to pick the best epoch from")
+    with open(log) as f:
+        scored = [(float(r["val_psnr"]), int(r["epoch"])) for r in csv.DictReader(f) if r.get("val_psnr")]
+    if not scored:
+        raise DataError(f"{log}: no validation PSNR recorded (trained without validation images?)")
+    value, epoch = max(scored)
+    print(f"best validation PSNR {value:.2f} dB at epoch {epoch} ({log})")
+    return epoch
 
 
 def resolve_device(name):
@@ -237,14 +273,23 @@ def main(argv=None):
     add_data_args(parser)
     parser.add_argument("--outputs", default=None, help="score a folder of already-denoised <id>.tif|png")
     parser.add_argument("--method", default=None, help="name of the scored method (default: folder / checkpoint)")
-    parser.add_argument("--epoch", type=int, default=None, help="evaluate <ckpt_dir>/epoch_N.pth")
+    parser.add_argument("--epoch", type=epoch_arg, default=None,
+                        help="evaluate <ckpt_dir>/epoch_N.pth; 'best': the best validation epoch")
     parser.add_argument("--ckpt", default=None, help="evaluate this checkpoint file")
     parser.add_argument("--ckpt_dir", default="ckpt")
     parser.add_argument("--ensemble", action="store_true", help="average the 8 flips/rotations")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
     parser.add_argument("--tile", type=int, default=512, help="tile size for large images (bounded memory)")
+    parser.add_argument("--export", default=None, metavar="PATH",
+                        help="write the checkpoint's inference weights to PATH (generator only) and exit")
     args = parser.parse_args(argv)
+    if args.export:
+        if args.epoch is None and not args.ckpt:
+            parser.error("--export needs --epoch N or --ckpt PATH")
+        if Path(args.export).exists():
+            raise DataError(f"{args.export} exists; remove it first (nothing is overwritten)")
+        return export_generator(checkpoint_path(args), args.export)
     if not args.outputs and args.epoch is None and not args.ckpt:
         parser.error("give --epoch N or --ckpt PATH (a trained model), or --outputs DIR (denoised images)")
     samples = datasets.load_pairs(args.dataset, args.data_root, args.split)

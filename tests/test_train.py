@@ -257,3 +257,14 @@ def test_identity_losses_are_blind_to_a_constant_offset_which_zero_mean_removes(
     x = torch.rand(1, 1, 40, 50)
     Shifted.zero_mean = True
     assert models.predict_noise(Shifted(), x, tile=16).mean().abs() < 1e-6  # whole-image mean, after tiling
+
+
+def test_epoch_best_picks_the_highest_validation_psnr(tmp_path):
+    (tmp_path / "log.csv").write_text("epoch,step,val_psnr\n1,5,\n1,10,20.5\n2,20,22.25\n3,30,21.0\n")
+    assert evaluate.best_epoch(tmp_path) == 2
+    (tmp_path / "log.csv").write_text("epoch,step,val_psnr\n1,5,\n")
+    with pytest.raises(DataError, match="no validation PSNR"):
+        evaluate.best_epoch(tmp_path)
+    with pytest.raises(DataError, match="epoch_2.pth: checkpoint not found"):
+        (tmp_path / "log.csv").write_text("epoch,step,val_psnr\n2,20,22.25\n")
+        evaluate.main(["--epoch", "best", "--ckpt_dir", str(tmp_path)])
