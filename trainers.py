@@ -405,6 +405,7 @@ class MethodTrainer:
     def __init__(self, model, args, discriminator=None):
         self.model, self.args, self.D = model, args, discriminator  # model: the inference module
         self.ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
+        self.ema_updates = 0
         self.rng = torch.Generator().manual_seed(args.seed * 1000 + _rank())
         self.opt_g = torch.optim.Adam(self.trained_modules().parameters(), lr=args.lr_g, betas=(0.5, 0.999))
         self.opt_d = None if discriminator is None else torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
@@ -441,14 +442,10 @@ class MethodTrainer:
             scheduler.step()
         return {"loss_d": 0.0, "adversarial": 0.0, **stats}
 
-    @torch.no_grad()
     def update_ema(self):
-        if self.ema is None:
-            return
-        for ema, live in zip(self.ema.parameters(), self.model.parameters()):
-            ema.lerp_(live, 1 - self.args.ema)
-        for ema, live in zip(self.ema.buffers(), self.model.buffers()):
-            ema.copy_(live)
+        if self.ema is not None:
+            self.ema_updates += 1
+            update_ema(self.ema, self.model, self.args.ema, self.ema_updates)
 
     def inference_generator(self):
         return self.ema if self.ema is not None else self.model
@@ -457,6 +454,7 @@ class MethodTrainer:
         return {
             "generator": self.model.state_dict(),
             "generator_ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema_updates,
             "discriminator": self.D.state_dict() if self.D is not None else {},
             "trained": self.trained_modules().state_dict() if self.trained_modules() is not self.model else {},
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else {},
@@ -470,6 +468,7 @@ class MethodTrainer:
             self.trained_modules().load_state_dict(state["trained"])
         if self.ema is not None and state.get("generator_ema") is not None:
             self.ema.load_state_dict(state["generator_ema"])
+            self.ema_updates = state.get("ema_updates", 0)
         if self.D is not None:
             self.D.load_state_dict(state["discriminator"])
             self.opt_d.load_state_dict(state["opt_d"])
