@@ -107,14 +107,15 @@ def main(argv=None):
     parser.add_argument("--dataset", default="duke28", choices=["duke28", "synthetic"])
     parser.add_argument("--quick", action="store_true", help="two test images, no ensemble")
     parser.add_argument("--no_bm3d", action="store_true", help="skip BM3D (the slow row)")
-    parser.add_argument("--no_save", action="store_true")
+    parser.add_argument("--no_save", action="store_true", help="print only: no JSON, no figures")
+    parser.add_argument("--size", type=int, default=256, help="synthetic image size")
     args = parser.parse_args(argv)
     info = machine()
     data = SHARED_DATA / "duke_bioptigen"
     if args.dataset == "duke28" and not data.is_dir():
         print(f"{data} not found: running on the synthetic set instead")
         args.dataset = "synthetic"
-    samples = datasets.load_pairs(args.dataset, data if args.dataset == "duke28" else None, "test")
+    samples = datasets.load_pairs(args.dataset, data if args.dataset == "duke28" else None, "test", synthetic_size=args.size)
     if args.quick:
         samples = samples[:2]
 
@@ -139,15 +140,16 @@ def main(argv=None):
 
     table = markdown(summaries)
     print(f"\n{args.dataset} test split, {len(samples)} images, mean ± std\n{table}")
+    if args.no_save:
+        return summaries
     real = args.dataset == "duke28"
     # Figures of real scans stay local (img/ is git-ignored); the synthetic one ships with the README.
     figure(ROOT / "img" / ("quality_duke28_bscan.png" if real else "readme/quality_synthetic_bscan.png"),
            samples[0], {k: v[0] for k, v in outputs.items()}, f"{args.dataset} test image {samples[0].id}")
     scatter(ROOT / "img" / ("psnr_vs_time.png" if real else "readme/psnr_vs_time_synthetic.png"), summaries,
             f"{args.dataset} test split ({len(samples)} images), {info['cpu']}, {info['cores']} cores")
-    if not args.no_save:
-        save(f"quality_{args.dataset}{'_quick' if args.quick else ''}",
-             {"machine": info, "dataset": args.dataset, "n_images": len(samples), "rows": summaries, "markdown": table})
+    save(f"quality_{args.dataset}{'_quick' if args.quick else ''}",
+         {"machine": info, "dataset": args.dataset, "n_images": len(samples), "rows": summaries, "markdown": table})
     return summaries
 
 
