@@ -326,6 +326,7 @@ def main(argv=None):
                 print(f"rank {r} generator sha1 {d}")
             if len(set(digests)) > 1:
                 stop_reason = stop_reason or "generator weights differ between ranks (DDP out of sync)"
+        torch.distributed.barrier()
         destroy_process_group()
     if stop_reason:
         raise DataError(stop_reason)
@@ -338,3 +339,8 @@ if __name__ == "__main__":
         main()
     except DataError as error:
         sys.exit(f"error: {error}")
+    if "RANK" in os.environ:
+        # Gloo's threads can abort the interpreter's shutdown ("terminate called without an
+        # active exception") after a finished run; everything is saved by now, so leave at once.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
