@@ -598,7 +598,7 @@ class N2NTrainer(MethodTrainer):
 
 # ---------------------------------------------------------------- CNCL (paired)
 
-class PairedCropDataset(torch.utils.data.Dataset):
+class PairedCropDataset(datasets.TripletDataset):
     """(noisy_i, noisy_j, clean_i): a registered noisy/clean pair cropped at the same place
     (same left-right flip) and, as TCFL's I_B, a crop of another pair's noisy image (used by
     the collapse guard only). Reproducible from (seed, epoch, index) like TripletDataset."""
@@ -613,12 +613,6 @@ class PairedCropDataset(torch.utils.data.Dataset):
                 raise DataError(f"--method cncl: training pair of size {noisy.shape[0]}x{noisy.shape[1]} "
                                 f"is smaller than --patch_size {patch_size}")
         self.pairs, self.patch_size, self.length, self.seed, self.epoch = pairs, patch_size, length, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.length
 
     def __getitem__(self, index):
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
