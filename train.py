@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,10 @@ import models
 import trainers
 from datasets import DataError
 from utils import psnr
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def get_parser():
@@ -256,6 +261,10 @@ def main(argv=None):
         torch.save(state, tmp)
         tmp.replace(ckpt_dir / f"epoch_{epoch}.pth")  # never leave a half-written checkpoint
 
+    # Ctrl-C and a scheduler's SIGTERM (or `kill`) both stop the run the same way: checkpoint, then
+    # exit. SIGINT gets Python's handler back because shells start background jobs with it ignored.
+    previous_handlers = {sig: signal.signal(sig, handler) for sig, handler in
+                         ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, raise_keyboard_interrupt))}
     start = time.time()
     progress = tqdm(total=total_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     window, stop_reason = [], None
@@ -315,6 +324,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         save_checkpoint(step // steps_per_epoch + 1)
         stop_reason = f"interrupted at step {step}; checkpoint saved in {ckpt_dir}, continue with --resume"
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     progress.close()
     if ddp:  # DDP keeps replicas in lockstep; show it, so a broken setup cannot go unnoticed
         trained = generator if args.method == "tcfl" else trainer.trained_modules()

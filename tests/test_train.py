@@ -1,6 +1,10 @@
 """TCFL trainer, train.py and evaluate.py --epoch: tiny images, a few steps, never real training."""
 import csv
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +208,31 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="interrupted at step 2"):
         run_train(tmp_path, "--niter", "2")
     assert torch.load(tmp_path / "ckpt" / "epoch_1.pth", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_real_signal_stops_a_running_train_py_with_a_checkpoint(tmp_path, signum):
+    """A real process and a real signal. SIGINT starts ignored, as in a shell's background job."""
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, str(Path(train.__file__)), *TINY, "--niter", "1000",
+               "--ckpt_dir", str(ckpt), "--img_dir", str(tmp_path / "img")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (ckpt / "log.csv").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signum)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"train.py kept running for 60 s after signal {signum.name}")
+    assert process.returncode == 1, stderr[-2000:]
+    assert "interrupted at step" in stderr and "continue with --resume" in stderr
+    state = torch.load(sorted(ckpt.glob("epoch_*.pth"))[-1], weights_only=True)
+    assert state["step"] >= 1
 
 
 # ------------------------------------------------------------------ checkpoints given to evaluate.py
