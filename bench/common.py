@@ -55,6 +55,36 @@ def matmul_gflops(device="cpu", size=1024, repeats=5):
     return 2 * size ** 3 / seconds / 1e9
 
 
+def bf16_is_native(device):
+    """bf16 autocast pays only where the hardware computes in bf16 (recent GPUs, AVX512-BF16 or
+    AMX CPUs); elsewhere oneDNN emulates it, far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_probe(device, shape=(1, 1, 32, 64)):
+    """fp32 and bf16 seconds of one DnCNN forward on a small input: the measurement behind a
+    bf16 row skipped because the full-size run would take hours on emulated bf16."""
+    import models
+    generator = models.build_generator("dncnn").to(device).eval()
+    x = torch.rand(*shape, device=device)
+    seconds = {}
+    for name, enabled in (("fp32", False), ("bf16", True)):
+        def forward():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+                generator(x)
+        seconds[name] = timeit(forward, 1, device=device.type)
+    seconds["slowdown"] = seconds["bf16"] / seconds["fp32"]
+    print(f"bf16 is emulated on this {device.type}: DnCNN forward on {shape[-2]} x {shape[-1]}: "
+          f"fp32 {seconds['fp32']:.3f} s, bf16 {seconds['bf16']:.3f} s ({seconds['slowdown']:.0f}x slower); "
+          "full-size bf16 rows skipped (--force_bf16 runs them)")
+    return seconds
+
+
 def save(name, payload):
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

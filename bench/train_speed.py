@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from common import machine, matmul_gflops, save, timeit
+from common import bf16_is_native, bf16_probe, machine, matmul_gflops, save, timeit
 
 import models
 import train
@@ -58,6 +58,20 @@ def conv_flops(model, shape):
     return total
 
 
+def profile_step(step, top=8):
+    """Where one training step's time goes: the operators with the largest self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    step()  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    table = [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:top]]
+    print("profile of one batched step (self CPU time): "
+          + ", ".join(f"{row['op']} {row['share']:.0%}" for row in table))
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 2 only")
@@ -65,6 +79,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--force_bf16", action="store_true", help="time bf16 even where it is emulated (hours on such CPUs)")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -72,8 +87,10 @@ def main(argv=None):
     info = machine()
     matmul = matmul_gflops(device)
     print(f"torch.matmul fp32: {matmul:.1f} GFLOP/s")
+    skip_bf16 = not bf16_is_native(device) and not args.force_bf16
+    probe = bf16_probe(device) if skip_bf16 else None
 
-    rows = []
+    rows, profile = [], None
     for batch in batches:
         size = args.patch_size
         a, b, c = (torch.rand(batch, 1, size, size, device=device) for _ in range(3))
@@ -81,6 +98,10 @@ def main(argv=None):
                     "batched+channels_last+bf16": {"channels_last": True, "bf16": True}}
         results = {}
         for name, switches in variants.items():
+            if switches.get("bf16") and skip_bf16:
+                results[name] = None
+                print(f"batch {batch:2d} {name:<28} skipped: bf16 is emulated here (see above)")
+                continue
             torch.manual_seed(0)
             opts = train.get_parser().parse_args(["--bf16"] if switches.get("bf16") else [])
             G, D = models.build_generator("dncnn").to(device), models.build_discriminator().to(device)
@@ -91,6 +112,8 @@ def main(argv=None):
             trainer = trainers.TCFLTrainer(G, D, opts)
             step = (lambda: naive_step(trainer, *x)) if name == "naive" else (lambda: trainer.step(*x))
             seconds = timeit(step, repeats, device=device.type)
+            if name == "batched" and batch == batches[0]:
+                profile = profile_step(step)
             results[name] = seconds
             print(f"batch {batch:2d} {name:<28} {seconds:7.3f} s/step  {batch / seconds:7.2f} triplets/s  "
                   f"{3 * batch * size * size / seconds / 1e6:6.3f} MP/s")
@@ -100,15 +123,16 @@ def main(argv=None):
         flops = 3 * conv_flops(G.cpu(), (6 * batch, 1, size, size))  # backward ~ 2x forward
         G = G.to(device)
         g_seconds = timeit(lambda: G(images).square().mean().backward(), repeats, device=device.type)
+        measured = {k: v for k, v in results.items() if v is not None}
         rows.append({"batch": batch, "patch_size": size, "seconds_per_step": results,
-                     "triplets_per_s": {k: batch / v for k, v in results.items()},
-                     "speedup_vs_naive": {k: results["naive"] / v for k, v in results.items()},
+                     "triplets_per_s": {k: batch / v for k, v in measured.items()},
+                     "speedup_vs_naive": {k: results["naive"] / v for k, v in measured.items()},
                      "generator_conv_gflops": flops / g_seconds / 1e9})
         print(f"batch {batch:2d} generator convolutions: {flops / g_seconds / 1e9:.1f} GFLOP/s "
               f"({flops / g_seconds / 1e9 / matmul:.0%} of matmul); speed-up over naive: "
               + ", ".join(f"{k} {v:.2f}x" for k, v in rows[-1]["speedup_vs_naive"].items() if k != "naive"))
     if not args.no_save:
-        save("train_speed_quick" if args.quick else "train_speed", {"machine": info, "matmul_gflops": matmul, "rows": rows})
+        save("train_speed_quick" if args.quick else "train_speed", {"machine": info, "matmul_gflops": matmul, "bf16_probe": probe, "profile_batched_step": profile, "rows": rows})
     return rows
 
 
