@@ -103,7 +103,7 @@ def main(argv=None):
                 print(f"batch {batch:2d} {name:<28} skipped: bf16 is emulated here (see above)")
                 continue
             torch.manual_seed(0)
-            opts = train.get_parser().parse_args(["--bf16"] if switches.get("bf16") else [])
+            opts = train.parse_args(["--gan", "lsgan"] + (["--bf16"] if switches.get("bf16") else []))  # published loss
             G, D = models.build_generator("dncnn").to(device), models.build_discriminator().to(device)
             x = (a, b, c)
             if switches.get("channels_last"):

@@ -23,7 +23,7 @@ METHODS = ["r2r", "n2n", "cncl", "drgan"]
 
 
 def trainer_args(*argv):
-    return train.get_parser().parse_args(list(argv))
+    return train.parse_args(list(argv))
 
 
 def correlation(noise, dy, dx):

@@ -22,7 +22,7 @@ from datasets import DataError  # noqa: E402
 
 
 def trainer_args(**overrides):
-    args = train.get_parser().parse_args([])
+    args = train.parse_args([])
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
