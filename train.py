@@ -38,12 +38,10 @@ def raise_keyboard_interrupt(signum, frame):
 
 
 def parse_args(argv=None):
-    """The options, with the defaults of --gan, --lr_g and --lr_d filled in for the method."""
+    """The options, with the learning rates' defaults filled in for the chosen loss."""
     args = get_parser().parse_args(argv)
     # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
     # short runs (README: the WGAN sweep). Filled in here so that opt.json records the value used.
-    if args.gan is None:
-        args.gan = "wgan" if args.method == "tcfl" else "lsgan"
     default_lr = 5e-5 if args.method == "tcfl" and args.gan == "wgan" else 2e-4
     args.lr_g = default_lr if args.lr_g is None else args.lr_g
     args.lr_d = default_lr if args.lr_d is None else args.lr_d
@@ -70,9 +68,8 @@ def get_parser():
     g.add_argument("--batch_size", type=int, default=4, help="triplets per step (per process under torchrun)")
     g.add_argument("--lr_g", type=float, default=None, help="default: 5e-5 for tcfl with --gan wgan, else 2e-4")
     g.add_argument("--lr_d", type=float, default=None, help="default: as --lr_g")
-    g.add_argument("--gan", default=None, choices=["wgan", "lsgan", "vanilla"],
-                   help="default: wgan for tcfl (a clipped critic trained with RMSprop, won the README's sweep), "
-                        "lsgan (the published loss) for cncl and drgan")
+    g.add_argument("--gan", default="lsgan", choices=["lsgan", "wgan", "vanilla"],
+                   help="lsgan: the published loss (Adam); wgan: a critic with weight clipping (RMSprop), see README")
     g.add_argument("--lam", type=float, default=6.0, help="identity loss weight")
     g.add_argument("--d_fake_weight", type=float, default=None,
                    help="weight of the six fakes in D's loss (default: 0.1 as published; 1/6 for wgan)")
