@@ -159,7 +159,12 @@ def load_generator(path, device="cpu"):
                         f"({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error})") from None
     # Only TCFL trains with the zero-mean projection (train.py --zero_mean), so only it uses it here.
     generator.zero_mean = method == "tcfl" and bool((state.get("args") or {}).get("zero_mean", False))
-    return generator.to(device).eval(), state
+    generator = generator.to(device).eval()
+    if torch.device(device).type == "cpu":
+        # oneDNN's convolutions run 1.5x faster in channels_last on CPU at no PSNR cost
+        # (bench/infer_speed.py); a 1-channel B-scan is already laid out that way.
+        generator = generator.to(memory_format=torch.channels_last)
+    return generator, state
 
 
 def export_generator(path, out):

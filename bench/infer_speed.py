@@ -81,7 +81,8 @@ def main(argv=None):
         psnr_region = f"{where}{len(samples)} test images"
         precision = {}
         for name, switches in VARIANTS.items():
-            model = generator.to(memory_format=torch.channels_last) if switches.get("channels_last") else generator
+            layout = torch.channels_last if switches.get("channels_last") else torch.contiguous_format
+            model = generator.to(memory_format=layout)
             scores = []
             for sample in samples:
                 noisy, clean = np.ascontiguousarray(sample.noisy[region]), sample.clean[region]
