@@ -10,6 +10,7 @@ bench/results/quality_<dataset>.json, img/psnr_vs_time.png (duke28) and a figure
 B-scan with each method's output and a zoomed inset (real scans: git-ignored).
 """
 import argparse
+import re
 import time
 
 import numpy as np
@@ -70,21 +71,24 @@ def scatter(path, summaries, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summaries:
-        if s["seconds_per_image"]:
-            ax.scatter(s["seconds_per_image"], s["mean"]["PSNR"], s=30)
-            ax.annotate(s["method"], (s["seconds_per_image"], s["mean"]["PSNR"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    timed_rows = sorted((s for s in summaries if s["seconds_per_image"]), key=lambda s: s["mean"]["PSNR"])
+    for i, s in enumerate(timed_rows):
+        label = re.sub(r"^\w+ \((\w+?)(_duke28)?_G\.pth\)", r"\1", s["method"])  # "tcfl (tcfl_lsgan_duke28_G.pth) ens" -> "tcfl_lsgan ens"
+        ax.scatter(s["seconds_per_image"], s["mean"]["PSNR"], s=30)
+        ax.annotate(label, (s["seconds_per_image"], s["mean"]["PSNR"]), textcoords="offset points",
+                    xytext=(6, 4 if i % 2 else -11), fontsize=8)  # alternate sides: close points stay readable
     noisy = summaries[0]["noisy_mean"]["PSNR"]
     ax.axhline(noisy, color="grey", ls="--", lw=1)
-    ax.text(ax.get_xlim()[0] if ax.get_xlim() else 0.01, noisy + 0.1, "noisy input", color="grey", fontsize=8)
+    ax.annotate("noisy input", xy=(0.01, noisy), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                textcoords="offset points", color="grey", fontsize=8)
     published = [s for s in summaries if s["seconds_per_image"] is None]
     for s in published:
         ax.axhline(s["mean"]["PSNR"], color="tab:purple", lw=0.5, alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("seconds per B-scan (log scale)")
     ax.set_ylabel("mean PSNR (dB)")
-    ax.set_title(title + (" (thin lines: published outputs, time unknown)" if published else ""), fontsize=9)
+    ax.set_title(title + ("\nthin lines: published outputs (time unknown)" if published else ""), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
