@@ -29,7 +29,8 @@ from utils import METRICS, all_metrics, psnr
 def add_data_args(parser, dataset="synthetic", split="test"):
     parser.add_argument("--dataset", default=dataset, choices=datasets.DATASETS)
     parser.add_argument("--data_root", default=None, help="folder of the data set (not needed for synthetic)")
-    parser.add_argument("--split", default=split, help="train | test | all (duke28 reads <data_root>/splits.json)")
+    parser.add_argument("--split", default=split, help="train | test | all (duke28 reads <data_root>/splits.json) | "
+                        "val: the training split's images train.py holds back for validation (--n_val 2)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON")
     parser.add_argument("--out_dir", default=None, help="where denoised images and the CSV go (default img/<method>)")
 
@@ -107,13 +108,21 @@ def _denoise_one(job):
     return output, time.perf_counter() - start
 
 
+def load_scoring_pairs(args):
+    """The pairs to score. --split val: train.py's validation images (the held-back part of the
+    training split that --epoch best and the choice of --ensemble were judged on)."""
+    if args.split == "val":
+        return datasets.load_unpaired(args.dataset, args.data_root, "train", n_val=2)[2]
+    return datasets.load_pairs(args.dataset, args.data_root, args.split)
+
+
 def run_denoiser(denoise, method, args):
     """Denoise every sample of --dataset/--split with denoise(image) -> image, save, score.
 
     Used by BM3D.py and NLM.py; --workers N runs N images at once in processes.
     seconds_per_image is the mean wall time of one call on one image.
     """
-    samples = datasets.load_pairs(args.dataset, args.data_root, args.split)
+    samples = load_scoring_pairs(args)
     out_dir = Path(args.out_dir or f"img/{method}")
     jobs = [(denoise, s.noisy) for s in samples]
     if args.workers > 1:
@@ -256,7 +265,7 @@ def grid_search(denoise, grid, method, args):
     """
     if args.split == "test":
         raise DataError("--tune chooses parameters: run it on --split train, never on the test split")
-    samples = datasets.load_pairs(args.dataset, args.data_root, args.split)
+    samples = load_scoring_pairs(args)
     jobs = [(denoise, params, sample) for params in grid for sample in samples]
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(tqdm(pool.map(_psnr_of, jobs), total=len(jobs), desc=f"{method} --tune"))
@@ -297,7 +306,7 @@ def main(argv=None):
         return export_generator(checkpoint_path(args), args.export)
     if not args.outputs and args.epoch is None and not args.ckpt:
         parser.error("give --epoch N or --ckpt PATH (a trained model), or --outputs DIR (denoised images)")
-    samples = datasets.load_pairs(args.dataset, args.data_root, args.split)
+    samples = load_scoring_pairs(args)
     if args.outputs:
         method = args.method or Path(args.outputs).name
         outputs = read_outputs(args.outputs, samples)

@@ -297,3 +297,15 @@ def test_epoch_best_picks_the_highest_validation_psnr(tmp_path):
     with pytest.raises(DataError, match="epoch_2.pth: checkpoint not found"):
         (tmp_path / "log.csv").write_text("epoch,step,val_psnr\n2,20,22.25\n")
         evaluate.main(["--epoch", "best", "--ckpt_dir", str(tmp_path)])
+
+
+
+def test_evaluate_split_val_scores_the_images_train_py_validates_on():
+    from argparse import Namespace
+    from datasets import load_unpaired
+    samples = evaluate.load_scoring_pairs(Namespace(dataset="synthetic", data_root=None, split="val"))
+    validation = load_unpaired("synthetic", None, "train", n_val=2)[2]
+    assert [s.id for s in samples] == [s.id for s in validation] == ["val_0", "val_1"]
+    for got, want in zip(samples, validation):
+        np.testing.assert_array_equal(got.noisy, want.noisy)
+        np.testing.assert_array_equal(got.clean, want.clean)
