@@ -30,7 +30,7 @@ import datasets
 import models
 import trainers
 from datasets import DataError
-from utils import psnr
+from utils import psnr, ssim
 
 
 def raise_keyboard_interrupt(signum, frame):
@@ -114,16 +114,16 @@ def checkpoints(ckpt_dir):
 
 
 def validate(generator, samples, device):
-    """Mean PSNR of x - G(x) on held-back training images (BN on running statistics)."""
+    """Mean (PSNR, SSIM) of x - G(x) on held-back training images (BN on running statistics)."""
     was_training = generator.training
     generator.eval()
     scores = []
     for sample in samples:
         x = torch.from_numpy(sample.noisy)[None, None].to(device)
-        denoised = (x - models.predict_noise(generator, x)).clamp(0, 1)
-        scores.append(psnr(sample.clean, denoised[0, 0].cpu().numpy()))
+        denoised = (x - models.predict_noise(generator, x)).clamp(0, 1)[0, 0].cpu().numpy()
+        scores.append((psnr(sample.clean, denoised), ssim(sample.clean, denoised)))
     generator.train(was_training)
-    return float(np.mean(scores)) if scores else float("nan")
+    return tuple(float(v) for v in np.mean(scores, axis=0)) if scores else (float("nan"), float("nan"))
 
 
 def save_figure(path, generator, sample, device):
@@ -165,8 +165,11 @@ def save_loss_curves(log_path, png_path):
     axes[1].legend(); axes[1].set_xlabel("step"); axes[1].set_title("collapse guard (near 0 = collapsed)")
     val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r.get("val_psnr")]
     if val:
-        axes[2].plot(*zip(*val), "o-")
-    axes[2].set_xlabel("step"); axes[2].set_title("validation PSNR (dB)")
+        axes[2].plot(*zip(*val), "o-", color="C0")
+    val_ssim = [(int(r["step"]), float(r["val_ssim"])) for r in rows if r.get("val_ssim")]
+    if val_ssim:
+        axes[2].twinx().plot(*zip(*val_ssim), "s--", color="C1")
+    axes[2].set_xlabel("step"); axes[2].set_title("validation PSNR (dB, o) and SSIM (s)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)
@@ -256,7 +259,10 @@ def main(argv=None):
 
     log_path = ckpt_dir / "log.csv"
     log_fields = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "noise_mean", "noise_distance",
-                  "input_distance", "noise_spread", "val_psnr", "seconds"]
+                  "input_distance", "noise_spread", "val_psnr", "val_ssim", "seconds"]
+    if args.resume and log_path.exists():  # a log begun before val_ssim was recorded keeps its columns
+        with open(log_path) as f:
+            log_fields = next(csv.reader(f), None) or log_fields
 
     def save_checkpoint(epoch):
         """Rank 0 writes one dict of plain types and tensors (loads with weights_only=True)."""
@@ -312,19 +318,20 @@ def main(argv=None):
                     warning = trainers.collapse_warning(mean, args.collapse_tol)
                     if warning:
                         tqdm.write(warning)
-                    row = {"epoch": epoch + 1, "step": step, **mean, "val_psnr": "", "seconds": round(time.time() - start, 1)}
+                    row = {"epoch": epoch + 1, "step": step, **mean, "val_psnr": "", "val_ssim": "", "seconds": round(time.time() - start, 1)}
                     if epoch_done or step == total_steps:
-                        row["val_psnr"] = validate(trainer.inference_generator(), val_samples, device) if val_samples else ""
+                        if val_samples:
+                            row["val_psnr"], row["val_ssim"] = validate(trainer.inference_generator(), val_samples, device)
                     new_file = not log_path.exists()
                     with open(log_path, "a", newline="") as f:
-                        writer = csv.DictWriter(f, fieldnames=log_fields)
+                        writer = csv.DictWriter(f, fieldnames=log_fields, extrasaction="ignore")
                         if new_file:
                             writer.writeheader()
                         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
                     if row["val_psnr"] != "":
-                        history.append({"epoch": epoch + 1, "step": step, "val_psnr": row["val_psnr"],
+                        history.append({"epoch": epoch + 1, "step": step, "val_psnr": row["val_psnr"], "val_ssim": row["val_ssim"],
                                         "loss_g": mean["loss_g"], "identity": mean["identity"]})
-                        tqdm.write(f"epoch {epoch + 1} step {step}: validation PSNR {row['val_psnr']:.2f} dB")
+                        tqdm.write(f"epoch {epoch + 1} step {step}: validation PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}")
                 if epoch_done or step == total_steps:
                     save_checkpoint(epoch + 1)
                     if master:

@@ -152,6 +152,7 @@ def test_train_writes_checkpoint_figure_log_and_evaluates(tmp_path):
     assert not any(k.startswith("module.") for k in state["generator"])
     assert (tmp_path / "img" / "epoch_1.png").is_file() and (tmp_path / "ckpt" / "opt.txt").is_file()
     assert len(log_rows(tmp_path)) == 4 and state["history"][-1]["val_psnr"] > 0
+    assert 0 < state["history"][-1]["val_ssim"] <= 1 and float(log_rows(tmp_path)[-1]["val_ssim"]) > 0
     summary = evaluate.main(["--epoch", "1", "--ckpt_dir", str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "ev"),
                              "--json", str(tmp_path / "ev.json")])
     assert summary["n_images"] == 8 and np.isfinite(summary["mean"]["PSNR"])
@@ -170,6 +171,20 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     ga = torch.load(straight / "ckpt" / "epoch_2.pth", weights_only=True)["generator"]
     gb = torch.load(resumed / "ckpt" / "epoch_2.pth", weights_only=True)["generator"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_resume_keeps_the_columns_of_a_log_begun_without_val_ssim(tmp_path):
+    run_train(tmp_path, "--max_steps", "3", "--niter", "2")
+    with open(tmp_path / "ckpt" / "log.csv") as f:
+        old = [{k: v for k, v in row.items() if k != "val_ssim"} for row in csv.DictReader(f)]
+    with open(tmp_path / "ckpt" / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(old[0]))
+        writer.writeheader()
+        writer.writerows(old)
+    run_train(tmp_path, "--max_steps", "6", "--niter", "2", "--resume")
+    rows = log_rows(tmp_path)
+    assert [r["step"] for r in rows] == [str(s) for s in range(1, 7)] and "val_ssim" not in rows[0]
+    assert all(float(r["seconds"]) >= 0 for r in rows) and float(rows[-1]["val_psnr"]) > 0
 
 
 def test_existing_checkpoints_are_not_overwritten(tmp_path):
