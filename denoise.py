@@ -66,6 +66,7 @@ def make_denoiser(args):
     if args.ckpt is None and args.epoch is None:
         args.ckpt = str(SHIPPED_CHECKPOINT)
     generator, _ = evaluate.load_generator(evaluate.checkpoint_path(args), evaluate.resolve_device(args.device))
+    evaluate.set_lateral_bin(generator, args.lateral_bin)
     device = next(generator.parameters()).device
     return lambda image: models.denoise_array(generator, image, device, args.ensemble, args.bf16, args.tile)
 
@@ -82,6 +83,9 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
     parser.add_argument("--tile", type=int, default=512, help="tile size; bounds memory on large images")
+    parser.add_argument("--lateral_bin", type=int, default=None,
+                        help="denoise B-scans binned N:1 laterally (default: as the checkpoint was trained; "
+                             "the shipped one: 4, for laterally oversampled scans like Duke's 900 A-scans)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
 

@@ -168,12 +168,23 @@ def load_generator(path, device="cpu"):
                         f"({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error})") from None
     # Only TCFL trains with the zero-mean projection (train.py --zero_mean), so only it uses it here.
     generator.zero_mean = method == "tcfl" and bool((state.get("args") or {}).get("zero_mean", False))
+    # A generator trained on laterally binned B-scans (train.py --lateral_bin) denoises at that scale.
+    generator.lateral_bin = int((state.get("args") or {}).get("lateral_bin", 1))
     generator = generator.to(device).eval()
     if torch.device(device).type == "cpu":
         # oneDNN's convolutions run 1.5x faster in channels_last on CPU at no PSNR cost
         # (bench/infer_speed.py); a 1-channel B-scan is already laid out that way.
         generator = generator.to(memory_format=torch.channels_last)
     return generator, state
+
+
+def set_lateral_bin(generator, lateral_bin):
+    """--lateral_bin N: denoise at N:1 lateral binning instead of the checkpoint's own (None: keep it)."""
+    if lateral_bin is not None:
+        if lateral_bin < 1:
+            raise DataError(f"--lateral_bin must be >= 1 (1: full resolution), got {lateral_bin}")
+        generator.lateral_bin = lateral_bin
+    return generator
 
 
 def export_generator(path, out):
@@ -295,6 +306,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
     parser.add_argument("--tile", type=int, default=512, help="tile size for large images (bounded memory)")
+    parser.add_argument("--lateral_bin", type=int, default=None,
+                        help="denoise B-scans binned N:1 laterally (default: as the checkpoint was trained, train.py --lateral_bin)")
     parser.add_argument("--export", default=None, metavar="PATH",
                         help="write the checkpoint's inference weights to PATH (generator only) and exit")
     args = parser.parse_args(argv)
@@ -316,6 +329,7 @@ def main(argv=None):
     path = checkpoint_path(args)
     device = resolve_device(args.device)
     generator, state = load_generator(path, device)
+    set_lateral_bin(generator, args.lateral_bin)
     method = args.method or f"{state.get('method', 'tcfl')}-{state['backbone']}{'-ens' if args.ensemble else ''}"
     out_dir = Path(args.out_dir or f"img/{method}_{args.dataset}_{args.split}")
     outputs, seconds = [], []

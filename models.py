@@ -4,9 +4,12 @@ Every generator maps a noisy B-scan x (N, 1, H, W) to its estimated noise n, so 
 denoised image is x - G(x), as in TCFL. Pick one with --backbone; GENERATORS maps
 the name to the class.
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils import at_lateral_scale
 
 
 def init_weights(module):
@@ -188,9 +191,18 @@ DIHEDRAL = [(k, flip) for flip in (False, True) for k in range(4)]
 
 
 @torch.no_grad()
-def denoise_array(generator, image, device="cpu", ensemble=False, bf16=False, tile=512):
-    """clip(x - G(x), 0, 1) for a 2-D float image; --ensemble averages the 8 flips/rotations."""
-    x = torch.from_numpy(image)[None, None].to(device)
+def denoise_array(generator, image, device="cpu", ensemble=False, bf16=False, tile=512, lateral_bin=None):
+    """clip(x - G(x), 0, 1) for a 2-D float image; --ensemble averages the 8 flips/rotations.
+
+    lateral_bin (default: the generator's, set from its checkpoint by evaluate.load_generator):
+    a generator trained with train.py --lateral_bin N denoises the B-scan binned N:1 laterally,
+    and its output is resized back to the input's size.
+    """
+    factor = lateral_bin or getattr(generator, "lateral_bin", 1)
+    if factor > 1:
+        at_scale = lambda small: denoise_array(generator, small, device, ensemble, bf16, tile, lateral_bin=1)
+        return np.clip(at_lateral_scale(at_scale, image, factor), 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None].to(device)
     if not ensemble:
         return (x - predict_noise(generator, x, tile, bf16=bf16)).clamp(0, 1)[0, 0].cpu().numpy()
     total = torch.zeros_like(x)

@@ -30,7 +30,7 @@ import datasets
 import models
 import trainers
 from datasets import DataError
-from utils import psnr, ssim
+from utils import bin_laterally, psnr, ssim
 
 
 def raise_keyboard_interrupt(signum, frame):
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     default_lr = 5e-5 if args.method == "tcfl" and args.gan == "wgan" else 2e-4
     args.lr_g = default_lr if args.lr_g is None else args.lr_g
     args.lr_d = default_lr if args.lr_d is None else args.lr_d
+    if args.lateral_bin < 1:
+        raise DataError(f"--lateral_bin must be >= 1 (1: full resolution), got {args.lateral_bin}")
     return args
 
 
@@ -56,6 +58,9 @@ def get_parser():
     g.add_argument("--split", default="train", help="split of duke28's splits.json to train on")
     g.add_argument("--n_val", type=int, default=2, help="training-split images held back for validation")
     g.add_argument("--patch_size", type=int, default=64)
+    g.add_argument("--lateral_bin", type=int, default=1,
+                   help="train on B-scans binned N:1 along the lateral axis, as BM3D.py/NLM.py denoise (OCT speckle "
+                        "grain is longer laterally); saved in the checkpoint, so evaluate.py/denoise.py bin the same way")
     g.add_argument("--epoch_size", type=int, default=100, help="triplets drawn per epoch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model")
@@ -113,28 +118,26 @@ def checkpoints(ckpt_dir):
     return dict(sorted(found.items()))
 
 
-def validate(generator, samples, device):
+def validate(generator, samples, device, lateral_bin=1):
     """Mean (PSNR, SSIM) of x - G(x) on held-back training images (BN on running statistics)."""
     was_training = generator.training
     generator.eval()
     scores = []
     for sample in samples:
-        x = torch.from_numpy(sample.noisy)[None, None].to(device)
-        denoised = (x - models.predict_noise(generator, x)).clamp(0, 1)[0, 0].cpu().numpy()
+        denoised = models.denoise_array(generator, sample.noisy, device, lateral_bin=lateral_bin)
         scores.append((psnr(sample.clean, denoised), ssim(sample.clean, denoised)))
     generator.train(was_training)
     return tuple(float(v) for v in np.mean(scores, axis=0)) if scores else (float("nan"), float("nan"))
 
 
-def save_figure(path, generator, sample, device):
+def save_figure(path, generator, sample, device, lateral_bin=1):
     """noisy | denoised | estimated noise | reference (where known), one row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     generator.eval()
-    x = torch.from_numpy(sample.noisy)[None, None].to(device)
-    noise = models.predict_noise(generator, x)[0, 0].cpu().numpy()
-    panels = [("noisy", sample.noisy), ("denoised", np.clip(sample.noisy - noise, 0, 1)), ("estimated noise", noise)]
+    denoised = models.denoise_array(generator, sample.noisy, device, lateral_bin=lateral_bin)
+    panels = [("noisy", sample.noisy), ("denoised", denoised), ("estimated noise", sample.noisy - denoised)]
     if sample.clean is not None:
         panels.append(("reference", sample.clean))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4 * sample.noisy.shape[0] / sample.noisy.shape[1] + 0.6))
@@ -214,8 +217,12 @@ def main(argv=None):
             (ckpt_dir / "log.csv").unlink(missing_ok=True)
 
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed)
+    # G learns at the binned scale and denoises there (models.denoise_array); validation scores at full size.
+    binned = lambda images: [bin_laterally(image, args.lateral_bin) if args.lateral_bin > 1 else image for image in images]
+    noisy, clean = binned(noisy), binned(clean)
     if args.method == "cncl":  # supervised: registered (noisy, clean) crops of the training subjects only
         pairs = trainers.paired_training_data(args.dataset, args.data_root, args.split, val_samples, seed=args.seed)
+        pairs = [tuple(binned(pair)) for pair in pairs]
         dataset = trainers.PairedCropDataset(pairs, args.patch_size, args.epoch_size, seed=args.seed)
     else:
         dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
@@ -321,7 +328,7 @@ def main(argv=None):
                     row = {"epoch": epoch + 1, "step": step, **mean, "val_psnr": "", "val_ssim": "", "seconds": round(time.time() - start, 1)}
                     if epoch_done or step == total_steps:
                         if val_samples:
-                            row["val_psnr"], row["val_ssim"] = validate(trainer.inference_generator(), val_samples, device)
+                            row["val_psnr"], row["val_ssim"] = validate(trainer.inference_generator(), val_samples, device, args.lateral_bin)
                     new_file = not log_path.exists()
                     with open(log_path, "a", newline="") as f:
                         writer = csv.DictWriter(f, fieldnames=log_fields, extrasaction="ignore")
@@ -336,7 +343,7 @@ def main(argv=None):
                     save_checkpoint(epoch + 1)
                     if master:
                         sample = val_samples[0] if val_samples else datasets.Sample("train_0", noisy[0])
-                        save_figure(img_dir / f"epoch_{epoch + 1}.png", trainer.inference_generator(), sample, device)
+                        save_figure(img_dir / f"epoch_{epoch + 1}.png", trainer.inference_generator(), sample, device, args.lateral_bin)
                         save_loss_curves(log_path, img_dir / "loss_curves.png")
                 if step >= total_steps:
                     break

@@ -128,15 +128,23 @@ def all_metrics(ref, img):
 
 # ---- image helpers ----
 
+def bin_laterally(image, factor):
+    """image (H, W) averaged factor:1 along the lateral (last) axis: (H, round(W / factor))."""
+    import cv2
+    height, width = image.shape
+    return cv2.resize(np.ascontiguousarray(image, np.float32), (max(1, round(width / factor)), height),
+                      interpolation=cv2.INTER_AREA)
+
+
 def at_lateral_scale(fn, image, factor):
     """fn(image binned factor:1 laterally), resized back to the image's size.
 
     OCT speckle grain is longer laterally than axially and averaged references are
-    smooth laterally, so the classical baselines denoise a laterally binned B-scan.
+    smooth laterally, so the classical baselines denoise a laterally binned B-scan
+    (and train.py --lateral_bin trains and denoises the same way).
     """
     import cv2
     if factor <= 1:
         return fn(image).astype(np.float32)
     height, width = image.shape
-    small = cv2.resize(image, (max(1, round(width / factor)), height), interpolation=cv2.INTER_AREA)
-    return cv2.resize(fn(small).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(fn(bin_laterally(image, factor)).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)

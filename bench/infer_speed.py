@@ -1,4 +1,5 @@
-"""Seconds per 450 x 900 B-scan for each backbone, fp32 vs channels_last vs bf16, and what
+"""Seconds per 450 x 900 B-scan for each backbone, fp32 vs channels_last vs bf16, the shipped
+checkpoint end to end as evaluate.py/denoise.py run it (with its lateral binning), and what
 bf16 costs in PSNR on the duke28 test split with the shipped checkpoint.
 
 Where bf16 is emulated (CPUs without AVX512-BF16/AMX: ~180x slower than fp32) the bf16
@@ -20,7 +21,7 @@ from common import SHARED_DATA, ROOT, bf16_is_native, bf16_probe, machine, save,
 import datasets
 import evaluate
 import models
-from utils import psnr
+from utils import at_lateral_scale, psnr
 
 VARIANTS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
             "channels_last+bf16": {"channels_last": True, "bf16": True}}
@@ -65,6 +66,15 @@ def main(argv=None):
             timings[backbone][name] = seconds
             print(f"{backbone:<11} {name:<20} {seconds:7.3f} s per {args.height} x {args.width} B-scan")
 
+    shipped = None
+    if Path(args.ckpt).is_file():
+        generator, _ = evaluate.load_generator(args.ckpt, device)
+        bscan = np.random.default_rng(0).random((args.height, args.width), dtype=np.float32)
+        seconds = timeit(lambda: models.denoise_array(generator, bscan, device), repeats, device=device.type)
+        shipped = {"checkpoint": Path(args.ckpt).name, "lateral_bin": generator.lateral_bin, "seconds_per_bscan": seconds}
+        print(f"shipped checkpoint end to end (models.denoise_array, lateral_bin {generator.lateral_bin}, "
+              f"channels_last on CPU): {seconds:.3f} s per {args.height} x {args.width} B-scan")
+
     precision, psnr_region = None, None
     data = SHARED_DATA / "duke_bioptigen"
     if not data.is_dir() or not Path(args.ckpt).is_file():
@@ -86,9 +96,10 @@ def main(argv=None):
             scores = []
             for sample in samples:
                 noisy, clean = np.ascontiguousarray(sample.noisy[region]), sample.clean[region]
-                x = torch.from_numpy(noisy)[None, None].to(device)
-                out = (x - run(model, x, **switches)).clamp(0, 1)[0, 0].float().cpu().numpy()
-                scores.append(psnr(clean, out))
+                def denoise(image):  # at the checkpoint's lateral scale, as evaluate.py denoises
+                    x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
+                    return (x - run(model, x, **switches)).clamp(0, 1)[0, 0].float().cpu().numpy()
+                scores.append(psnr(clean, np.clip(at_lateral_scale(denoise, noisy, generator.lateral_bin), 0, 1)))
             precision[name] = float(np.mean(scores))
         base = precision["fp32"]
         for name, value in precision.items():
@@ -96,6 +107,7 @@ def main(argv=None):
     if not args.no_save:
         save("infer_speed_quick" if args.quick else "infer_speed",
              {"machine": info, "image": [args.height, args.width], "seconds_per_bscan": timings,
+              "shipped_checkpoint": shipped,
               "bf16_probe": probe, "psnr_region": psnr_region, "test_psnr": precision})
     return timings, precision
 

@@ -115,3 +115,24 @@ def test_shipped_checkpoint_matches_evaluate_on_a_real_scan(tmp_path):
     reference, _ = datasets.read_image(DUKE / "11" / "average.tif")
     from utils import psnr
     assert abs(psnr(reference, written) - psnr_11) < 0.01 and summary["n_images"] == 5
+
+
+def test_a_checkpoint_trained_binned_denoises_binned_unless_told_otherwise(tmp_path, ckpt):
+    state = torch.load(ckpt, weights_only=True)
+    binned_ckpt = tmp_path / "binned.pth"
+    torch.save({**state, "args": {"lateral_bin": 2}}, binned_ckpt)
+    image = speckle((40, 64)).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "scan.tif", (image * 255).astype(np.uint8))
+    assert run([tmp_path / "in"], tmp_path / "a", binned_ckpt) == 0
+    assert run([tmp_path / "in"], tmp_path / "b", binned_ckpt, "--lateral_bin", "1") == 0
+    generator, _ = evaluate.load_generator(binned_ckpt)
+    noisy, _ = datasets.read_image(tmp_path / "in" / "scan.tif")
+    from utils import at_lateral_scale
+    expected = np.clip(at_lateral_scale(lambda x: models.denoise_array(generator, x, lateral_bin=1), noisy, 2), 0, 1)
+    binned, _ = datasets.read_image(tmp_path / "a" / "scan.tif")
+    full, _ = datasets.read_image(tmp_path / "b" / "scan.tif")
+    assert np.abs(binned - expected).max() <= 1 / 255 + 1e-6
+    assert np.abs(binned - full).max() > 2 / 255
+    with pytest.raises(DataError, match="--lateral_bin"):
+        run([tmp_path / "in"], tmp_path / "c", binned_ckpt, "--lateral_bin", "0")

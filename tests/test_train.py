@@ -18,6 +18,7 @@ import evaluate  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 import trainers  # noqa: E402
+import utils  # noqa: E402
 from datasets import DataError  # noqa: E402
 
 
@@ -185,6 +186,35 @@ def test_resume_keeps_the_columns_of_a_log_begun_without_val_ssim(tmp_path):
     rows = log_rows(tmp_path)
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 7)] and "val_ssim" not in rows[0]
     assert all(float(r["seconds"]) >= 0 for r in rows) and float(rows[-1]["val_psnr"]) > 0
+
+
+def test_lateral_bin_trains_on_binned_scans_and_denoises_at_full_size(tmp_path, monkeypatch):
+    seen = []
+    real_dataset = train.datasets.TripletDataset
+    monkeypatch.setattr(train.datasets, "TripletDataset",
+                        lambda noisy, clean, *a, **k: seen.append((noisy, clean)) or real_dataset(noisy, clean, *a, **k))
+    run_train(tmp_path, "--niter", "1", "--lateral_bin", "2")
+    (noisy, clean), = seen
+    assert {x.shape for x in noisy + clean} == {(256, 128)}  # the synthetic set is 256 x 256
+    path = tmp_path / "ckpt" / "epoch_1.pth"
+    generator, state = evaluate.load_generator(path)
+    assert state["args"]["lateral_bin"] == 2 and generator.lateral_bin == 2
+    image = np.random.default_rng(0).random((64, 96), dtype=np.float32)
+    full = models.denoise_array(generator, image)
+    by_hand = np.clip(utils.at_lateral_scale(lambda small: models.denoise_array(generator, small, lateral_bin=1), image, 2), 0, 1)
+    assert full.shape == image.shape
+    np.testing.assert_allclose(full, by_hand, atol=1e-6)
+    assert not np.allclose(full, models.denoise_array(generator, image, lateral_bin=1), atol=1e-3)
+    summary = evaluate.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "ev")])
+    assert np.isfinite(summary["mean"]["PSNR"])
+
+
+def test_lateral_bin_below_one_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="--lateral_bin"):
+        train.parse_args(["--lateral_bin", "0"])
+    run_train(tmp_path, "--max_steps", "1")
+    with pytest.raises(DataError, match="--lateral_bin"):
+        evaluate.main(["--ckpt", str(tmp_path / "ckpt" / "epoch_1.pth"), "--lateral_bin", "0"])
 
 
 def test_existing_checkpoints_are_not_overwritten(tmp_path):
