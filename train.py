@@ -1,11 +1,12 @@
 """Train an unpaired OCT denoiser (TCFL by default) and write one checkpoint per epoch.
 
     python train.py --batch_size 2                               # built-in synthetic set
-    python train.py --dataset duke28 --data_root ../shared/data/duke_bioptigen --split train
+    python train.py --dataset duke28 --data_root ../shared/data/duke_bioptigen --split train \
+        --gan wgan --lateral_bin 4                               # the shipped checkpoint's recipe (README)
     torchrun --standalone --nproc_per_node=4 train.py ...         # DDP, --batch_size per process
 
 Per epoch: <ckpt_dir>/epoch_N.pth (everything needed to resume exactly), a sample
-figure <img_dir>/epoch_N.png, a row of <ckpt_dir>/log.csv and validation PSNR on
+figure <img_dir>/epoch_N.png, a row of <ckpt_dir>/log.csv and validation PSNR and SSIM on
 images held back from the training split (never the test split).
 """
 import argparse

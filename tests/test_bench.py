@@ -4,6 +4,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
+import grain  # noqa: E402
 import infer_speed  # noqa: E402
 import quality  # noqa: E402
 import train_speed  # noqa: E402
@@ -22,3 +23,14 @@ def test_infer_speed_runs():
 def test_quality_runs_on_synthetic():
     summaries = quality.main(["--dataset", "synthetic", "--quick", "--no_bm3d", "--no_save", "--size", "48"])
     assert summaries[0]["method"] == "NLM.py" and summaries[0]["n_images"] == 2
+
+
+def test_grain_scores_validation_outputs_plain_and_blurred(tmp_path):
+    import torch
+    import models
+    torch.manual_seed(0)
+    path = tmp_path / "g.pth"
+    torch.save({"generator": models.build_generator("dncnn").state_dict(), "backbone": "dncnn", "method": "tcfl",
+                "args": {"lateral_bin": 2}}, path)
+    rows = grain.main(["--ckpt", str(path), "--dataset", "synthetic", "--sigmas", "1.0", "--no_save"])
+    assert [r["blur_sigma"] for r in rows] == [0.0, 1.0] and rows[1]["output_tv"] < rows[0]["output_tv"]
