@@ -221,6 +221,10 @@ def main(argv=None):
     # G learns at the binned scale and denoises there (models.denoise_array); validation scores at full size.
     binned = lambda images: [bin_laterally(image, args.lateral_bin) if args.lateral_bin > 1 else image for image in images]
     noisy, clean = binned(noisy), binned(clean)
+    narrowest = min(image.shape[1] for image in noisy + clean)
+    if args.lateral_bin > 1 and narrowest < args.patch_size:
+        raise DataError(f"--lateral_bin {args.lateral_bin} leaves training images {narrowest} px wide, "
+                        f"narrower than --patch_size {args.patch_size}")
     if args.method == "cncl":  # supervised: registered (noisy, clean) crops of the training subjects only
         pairs = trainers.paired_training_data(args.dataset, args.data_root, args.split, val_samples, seed=args.seed)
         pairs = [tuple(binned(pair)) for pair in pairs]

@@ -212,6 +212,8 @@ def test_lateral_bin_trains_on_binned_scans_and_denoises_at_full_size(tmp_path, 
 def test_lateral_bin_below_one_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="--lateral_bin"):
         train.parse_args(["--lateral_bin", "0"])
+    with pytest.raises(DataError, match="--lateral_bin 16 leaves training images 16 px wide, narrower than --patch_size 32"):
+        run_train(tmp_path / "narrow", "--lateral_bin", "16")
     run_train(tmp_path, "--max_steps", "1")
     with pytest.raises(DataError, match="--lateral_bin"):
         evaluate.main(["--ckpt", str(tmp_path / "ckpt" / "epoch_1.pth"), "--lateral_bin", "0"])
