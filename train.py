@@ -219,7 +219,7 @@ def main(argv=None):
 
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed)
     # G learns at the binned scale and denoises there (models.denoise_array); validation scores at full size.
-    binned = lambda images: [bin_laterally(image, args.lateral_bin) if args.lateral_bin > 1 else image for image in images]
+    binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
     noisy, clean = binned(noisy), binned(clean)
     narrowest = min(image.shape[1] for image in noisy + clean)
     if args.lateral_bin > 1 and narrowest < args.patch_size:

@@ -129,8 +129,10 @@ def all_metrics(ref, img):
 # ---- image helpers ----
 
 def bin_laterally(image, factor):
-    """image (H, W) averaged factor:1 along the lateral (last) axis: (H, round(W / factor))."""
+    """image (H, W) averaged factor:1 along the lateral (last) axis: (H, round(W / factor)); factor 1: image."""
     import cv2
+    if factor <= 1:
+        return image
     height, width = image.shape
     return cv2.resize(np.ascontiguousarray(image, np.float32), (max(1, round(width / factor)), height),
                       interpolation=cv2.INTER_AREA)

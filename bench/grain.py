@@ -14,16 +14,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from common import SHARED_DATA, save
 
 import evaluate
 import models
+import trainers
 from utils import psnr, ssim
 
 
 def total_variation(image):
-    return float(np.abs(np.diff(image, axis=0)).mean() + np.abs(np.diff(image, axis=1)).mean())
+    return trainers.total_variation(torch.from_numpy(image)).item()  # the --sigma_tv term
 
 
 def main(argv=None):

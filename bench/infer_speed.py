@@ -21,7 +21,7 @@ from common import SHARED_DATA, ROOT, bf16_is_native, bf16_probe, machine, save,
 import datasets
 import evaluate
 import models
-from utils import at_lateral_scale, psnr
+from utils import psnr
 
 VARIANTS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
             "channels_last+bf16": {"channels_last": True, "bf16": True}}
@@ -95,11 +95,9 @@ def main(argv=None):
             model = generator.to(memory_format=layout)
             scores = []
             for sample in samples:
-                noisy, clean = np.ascontiguousarray(sample.noisy[region]), sample.clean[region]
-                def denoise(image):  # at the checkpoint's lateral scale, as evaluate.py denoises
-                    x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
-                    return (x - run(model, x, **switches)).clamp(0, 1)[0, 0].float().cpu().numpy()
-                scores.append(psnr(clean, np.clip(at_lateral_scale(denoise, noisy, generator.lateral_bin), 0, 1)))
+                # as evaluate.py denoises (the checkpoint's lateral binning); a 1-channel input is channels_last already
+                out = models.denoise_array(model, sample.noisy[region], device, bf16=switches.get("bf16", False), tile=4096)
+                scores.append(psnr(sample.clean[region], out))
             precision[name] = float(np.mean(scores))
         base = precision["fp32"]
         for name, value in precision.items():
