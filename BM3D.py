@@ -6,7 +6,7 @@
     python BM3D.py --dataset duke28 --data_root ../shared/data/duke_bioptigen --split train --tune --workers 2
 
 Denoised images go to img/BM3D/<id>.tif (at the input's bit depth) with scores.csv;
-the summary table is evaluate.score()'s, so BM3D rows compare with every other row.
+the summary table is scoring.score()'s, so BM3D rows compare with every other row.
 
 Method: the noise sigma of each image is estimated with skimage's
 estimate_sigma (wavelet MAD) and multiplied by SIGMA_FACTOR: log-compressed
@@ -32,7 +32,7 @@ import bm3d
 import numpy as np
 from skimage.restoration import estimate_sigma
 
-import evaluate
+import scoring
 from datasets import DataError
 from utils import at_lateral_scale
 
@@ -63,7 +63,7 @@ def denoise(image, sigma_factor=SIGMA_FACTOR, lateral_bin=LATERAL_BIN):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluate.add_data_args(parser)
+    scoring.add_data_args(parser)
     parser.add_argument("--workers", type=int, default=1, help="images denoised at once, in processes")
     parser.add_argument("--sigma_factor", type=float, default=SIGMA_FACTOR, help="threshold sigma / estimated sigma")
     parser.add_argument("--lateral_bin", type=int, default=LATERAL_BIN, help="lateral binning factor (1 = none)")
@@ -75,9 +75,9 @@ def main(argv=None):
     try:
         if args.tune:
             grid = [{"lateral_bin": b, "sigma_factor": f} for b in TUNE_GRID["lateral_bin"] for f in TUNE_GRID["sigma_factor"]]
-            return evaluate.grid_search(denoise, grid, "BM3D", args)
+            return scoring.grid_search(denoise, grid, "BM3D", args)
         fn = functools.partial(denoise, sigma_factor=args.sigma_factor, lateral_bin=args.lateral_bin)
-        return evaluate.run_denoiser(fn, "BM3D", args)
+        return scoring.run_denoiser(fn, "BM3D", args)
     except DataError as error:
         sys.exit(f"error: {error}")
 

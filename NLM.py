@@ -6,7 +6,7 @@
     python NLM.py --dataset duke28 --data_root ../shared/data/duke_bioptigen --split train --tune
 
 Denoised images go to img/NLM/<id>.tif (at the input's bit depth) with scores.csv;
-the summary table is evaluate.score()'s, so NLM rows compare with every other row.
+the summary table is scoring.score()'s, so NLM rows compare with every other row.
 
 Method: OCT speckle grain is longer laterally than axially and the averaged
 references are smooth laterally, so each B-scan is first binned LATERAL_BIN:1
@@ -32,7 +32,7 @@ import sys
 import cv2
 import numpy as np
 
-import evaluate
+import scoring
 from datasets import DataError
 from utils import at_lateral_scale
 
@@ -78,7 +78,7 @@ def denoise(image, h=H, lateral_bin=LATERAL_BIN, template=TEMPLATE, search=SEARC
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluate.add_data_args(parser)
+    scoring.add_data_args(parser)
     parser.add_argument("--workers", type=int, default=1, help="images denoised at once, in processes")
     parser.add_argument("--h", type=float, default=H, help="filter strength, 8-bit grey levels")
     parser.add_argument("--lateral_bin", type=int, default=LATERAL_BIN, help="lateral binning factor (1 = none)")
@@ -93,10 +93,10 @@ def main(argv=None):
         if args.tune:
             grid = [{"lateral_bin": b, "h": h, "template": args.template, "search": args.search}
                     for b in TUNE_GRID["lateral_bin"] for h in TUNE_GRID["h"]]
-            return evaluate.grid_search(denoise, grid, "NLM", args)
+            return scoring.grid_search(denoise, grid, "NLM", args)
         fn = functools.partial(denoise, h=args.h, lateral_bin=args.lateral_bin,
                                template=args.template, search=args.search)
-        return evaluate.run_denoiser(fn, "NLM", args)
+        return scoring.run_denoiser(fn, "NLM", args)
     except DataError as error:
         sys.exit(f"error: {error}")
 

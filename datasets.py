@@ -15,7 +15,7 @@ Layouts accepted (exactly as the public releases ship them):
 import json
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -159,6 +159,13 @@ class Sample:
     clean: np.ndarray = None  # registered reference, when the data set has one
     bit_depth: int = 8
     path: str = ""
+    neighbours: list = field(default_factory=list)  # registered adjacent noisy B-scans (duke28: 1..4.tif)
+    rois: dict = None  # {"foreground": [(x, y, w, h), ...], "background": [...]} from <root>/rois.json
+
+    def volume(self):
+        """The noisy B-scan between its neighbours, (1 + n, H, W): 1, 2, test, 3, 4 for duke28."""
+        half = len(self.neighbours) // 2
+        return np.stack(self.neighbours[:half] + [self.noisy] + self.neighbours[half:])
 
 
 def _id_order(subject_id):
@@ -184,12 +191,48 @@ def _check_root(root, dataset):
     return root
 
 
-def _pair(sample_id, noisy_path, clean_path):
+def _pair(sample_id, noisy_path, clean_path, neighbour_paths=()):
     noisy, depth = read_image(noisy_path)
     clean, _ = read_image(clean_path)
     if noisy.shape != clean.shape:
         raise DataError(f"{noisy_path}: size {noisy.shape} differs from its reference {clean_path} {clean.shape}")
-    return Sample(sample_id, noisy, clean, depth, str(noisy_path))
+    neighbours = [read_image(path)[0] for path in neighbour_paths]
+    for path, image in zip(neighbour_paths, neighbours):
+        if image.shape != noisy.shape:
+            raise DataError(f"{path}: size {image.shape} differs from its B-scan {noisy_path} {noisy.shape}")
+    return Sample(sample_id, noisy, clean, depth, str(noisy_path), neighbours)
+
+
+def _duke28_pair(subject):
+    """test.tif + average.tif of a duke28 subject folder, with 1..4.tif as neighbours when all four exist."""
+    neighbours = [subject / f"{k}.tif" for k in range(1, 5)]
+    return _pair(subject.name, subject / "test.tif", subject / "average.tif",
+                 neighbours if all(p.is_file() for p in neighbours) else ())
+
+
+def read_rois(root):
+    """<root>/rois.json as {subject id: {"foreground": [(x, y, w, h)...], "background": [...]}}, or {} when absent.
+
+    The format of the OCT literature's regions (Abbasi et al.): per subject "rects_xywh" (0-based
+    [x, y, width, height]) and "background", the 1-based indices of the background rectangles.
+    """
+    path = Path(root) / "rois.json"
+    if not path.is_file():
+        return {}
+    try:
+        subjects = json.loads(path.read_text())["subjects"]
+        rois = {}
+        for subject_id, entry in subjects.items():
+            rects = [tuple(int(v) for v in rect) for rect in entry["rects_xywh"]]
+            background = {int(i) - 1 for i in entry["background"]}
+            if not background or not background < set(range(len(rects))):
+                raise ValueError(f"subject {subject_id}: background indices {sorted(i + 1 for i in background)} "
+                                 f"do not name some but not all of its {len(rects)} rectangles")
+            rois[str(subject_id)] = {"foreground": [r for i, r in enumerate(rects) if i not in background],
+                                     "background": [r for i, r in enumerate(rects) if i in background]}
+        return rois
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path}: not a regions file of this project's format ({type(error).__name__}: {error})") from None
 
 
 def _read_splits(root):
@@ -257,18 +300,38 @@ def load_pairs(dataset, root=None, split="test", synthetic_size=256, seed=0):
         data = synthetic.SyntheticOCT(height=synthetic_size, width=synthetic_size, seed=seed)
         if split not in ("test", "all"):
             raise DataError("--dataset synthetic scores its test pairs: use --split test")
-        return [Sample(f"synthetic_{i}", *data.test_pair(i), 8, "") for i in range(data.n_test)]
+        return [Sample(f"synthetic_{i}", *data.test_pair(i), 8, "", data.test_neighbours(i)) for i in range(data.n_test)]
     if dataset in ("pku37", "folder"):
         raise DataError(f"--dataset {dataset} has no registered references to score against")
     root = _check_root(root, dataset)
     if dataset == "duke28":
-        return [_pair(d.name, d / "test.tif", d / "average.tif") for d in duke28_subjects(root, split)]
-    if dataset == "duke17":
+        samples = [_duke28_pair(d) for d in duke28_subjects(root, split)]
+    elif dataset == "duke17":
         dirs = _numeric_dirs(root)
         if not dirs:
             raise DataError(f"{root}: no subject folders <n>/ with '<n>_Raw Image.tif' (DUKE17 layout)")
-        return [_pair(d.name, d / f"{d.name}_Raw Image.tif", d / f"{d.name}_Averaged Image.tif") for d in dirs]
-    raise AssertionError(dataset)
+        samples = [_pair(d.name, d / f"{d.name}_Raw Image.tif", d / f"{d.name}_Averaged Image.tif") for d in dirs]
+    else:
+        raise AssertionError(dataset)
+    return _with_rois(samples, root)
+
+
+def _with_rois(samples, root):
+    rois = read_rois(root)
+    for sample in samples:
+        sample.rois = rois.get(sample.id)
+    return samples
+
+
+def split_holds_test_subjects(dataset, root, split):
+    """True when scoring --split would touch a test subject (so it must not choose parameters)."""
+    if split == "test":
+        return True
+    if dataset == "duke28" and split != "val":
+        test_ids = set((_read_splits(Path(root)) or {}).get("test", []))
+        return bool(test_ids & {d.name for d in duke28_subjects(root, split)})
+    # synthetic "all" is its test set; duke17 has no split, every subject is a test subject
+    return dataset == "duke17" or (dataset == "synthetic" and split == "all")
 
 
 def load_folder(root):
@@ -320,8 +383,7 @@ def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256
             noisy.append(read_image(d / "test.tif")[0])
             noisy += [read_image(d / f"{k}.tif")[0] for k in range(1, 5) if (d / f"{k}.tif").is_file()]
             clean.append(read_image(d / "average.tif")[0])
-        val = [_pair(d.name, d / "test.tif", d / "average.tif") for d in held_back]
-        return noisy, clean, val
+        return noisy, clean, _with_rois([_duke28_pair(d) for d in held_back], root)
     if dataset == "pku37":
         folder = _pku37_root(root)
         noisy = [read_image(p)[0] for p in list_images(folder / "noisy")]

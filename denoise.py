@@ -79,7 +79,9 @@ def main(argv=None):
     parser.add_argument("--epoch", type=evaluate.epoch_arg, default=None, help="use <ckpt_dir>/epoch_N.pth ('best': best validation)")
     parser.add_argument("--ckpt", default=None, help=f"checkpoint file (default: {SHIPPED_CHECKPOINT.name})")
     parser.add_argument("--ckpt_dir", default="ckpt")
-    parser.add_argument("--ensemble", action="store_true", help="average the 8 flips/rotations (8x slower)")
+    parser.add_argument("--ensemble", nargs="?", const="lr", default=None, choices=list(models.ENSEMBLES),
+                        help="average flipped passes: 'lr' (bare --ensemble, 2x slower): the B-scan and its left-right "
+                             "mirror; 'all': the 8 flips/rotations (8x slower)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
     parser.add_argument("--tile", type=int, default=512, help="tile size; bounds memory on large images")

@@ -187,12 +187,16 @@ def _predict_noise_tiled(generator, image, tile, margin, bf16):
     return noise
 
 
-DIHEDRAL = [(k, flip) for flip in (False, True) for k in range(4)]
+# Test-time ensembles, as (quarter turns, left-right flip) views. 'lr' keeps the B-scan upright, as
+# training does (datasets.TripletDataset flips left-right only: up-down would put the vitreous below
+# the retina); 'all' adds the rotations and up-down flips.
+ENSEMBLES = {"lr": [(0, False), (0, True)],
+             "all": [(k, flip) for flip in (False, True) for k in range(4)]}
 
 
 @torch.no_grad()
-def denoise_array(generator, image, device="cpu", ensemble=False, bf16=False, tile=512, lateral_bin=None):
-    """clip(x - G(x), 0, 1) for a 2-D float image; --ensemble averages the 8 flips/rotations.
+def denoise_array(generator, image, device="cpu", ensemble=None, bf16=False, tile=512, lateral_bin=None):
+    """clip(x - G(x), 0, 1) for a 2-D float image; ensemble 'lr' | 'all' averages flipped passes (ENSEMBLES).
 
     lateral_bin (default: the generator's, set from its checkpoint by evaluate.load_generator):
     a generator trained with train.py --lateral_bin N denoises the B-scan binned N:1 laterally,
@@ -205,12 +209,13 @@ def denoise_array(generator, image, device="cpu", ensemble=False, bf16=False, ti
     x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None].to(device)
     if not ensemble:
         return (x - predict_noise(generator, x, tile, bf16=bf16)).clamp(0, 1)[0, 0].cpu().numpy()
+    views = ENSEMBLES[ensemble]
     total = torch.zeros_like(x)
-    for k, flip in DIHEDRAL:
+    for k, flip in views:
         view = torch.rot90(x.flip(-1) if flip else x, k, (-2, -1))
         out = torch.rot90(view - predict_noise(generator, view, tile, bf16=bf16), -k, (-2, -1))
         total += out.flip(-1) if flip else out
-    return (total / len(DIHEDRAL)).clamp(0, 1)[0, 0].cpu().numpy()
+    return (total / len(views)).clamp(0, 1)[0, 0].cpu().numpy()
 
 
 # ---------------------------------------------------------------- other training methods (trainers.py, --method)

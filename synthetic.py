@@ -244,6 +244,11 @@ class SyntheticOCT:
     def clean_train(self, i):
         return clean_image(self.reflectivity('clean', i))
 
+    def test_neighbours(self, i, count=4):
+        """Further noisy B-scans of test phantom i (independent speckle), like registered repeats."""
+        refl = self.reflectivity('test', i)
+        return [speckle_image(refl, np.random.default_rng((self.seed, 3, int(i), k))) for k in range(count)]
+
     def test_pair(self, i):
         rng = self._rng('test', i)
         refl = phantom(rng, self.height, self.width)

@@ -120,6 +120,39 @@ def epi_v(ref, img):
 METRICS = {"PSNR": psnr, "SSIM": ssim, "GCMSE": gcmse, "EPI": epi, "EPI_v": epi_v}
 
 
+# ---- no-reference metrics on regions of interest (datasets.read_rois) ----
+#
+# On the denoised image alone, any intensity scale; std with the N-1 denominator, as in
+# Abbasi et al.'s package. Rectangles are (x, y, width, height), 0-based, x = column.
+
+ROI_METRICS = ("MSR", "CNR", "ENL")
+
+
+def _region(image, rect):
+    x, y, width, height = rect
+    values = np.asarray(image, np.float64)[y:y + height, x:x + width]
+    if values.size < 2 or values.shape != (height, width):
+        raise ValueError(f"region {rect} does not lie inside the {image.shape[0]} x {image.shape[1]} image")
+    return values.mean(), values.std(ddof=1)
+
+
+def roi_metrics(image, rois):
+    """{"MSR", "CNR", "ENL"} of an image for rois {"foreground": [rect...], "background": [rect]}.
+
+    MSR = mean_j(m_j / s_j) over the foreground regions; with m_f, s_f the means of their means
+    and stds and m_b, s_b the background's: CNR = |m_f - m_b| / sqrt((s_f^2 + s_b^2) / 2) and
+    ENL = m_b^2 / s_b^2. A region with zero spread gives inf (perfectly flat).
+    """
+    fore = np.array([_region(image, rect) for rect in rois["foreground"]])
+    back_mean, back_std = np.mean([_region(image, rect) for rect in rois["background"]], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        msr = float(np.mean(fore[:, 0] / fore[:, 1]))
+        fore_mean, fore_std = fore.mean(axis=0)
+        cnr = float(abs(fore_mean - back_mean) / np.sqrt((fore_std ** 2 + back_std ** 2) / 2))
+        enl = float(back_mean ** 2 / back_std ** 2)
+    return {"MSR": msr, "CNR": cnr, "ENL": enl}
+
+
 def all_metrics(ref, img):
     """{name: metric(ref, img)} for every metric in METRICS."""
     ref, img = _check(ref, img)

@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.8, 1.2], help="Gaussian blur sigmas (px)")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)
-    samples = evaluate.load_scoring_pairs(argparse.Namespace(dataset=args.dataset, data_root=args.data_root, split="val"))
+    samples = scoring.load_scoring_pairs(argparse.Namespace(dataset=args.dataset, data_root=args.data_root, split="val"))
     generator, _ = evaluate.load_generator(args.ckpt)
     evaluate.set_lateral_bin(generator, args.lateral_bin)
     outputs = [models.denoise_array(generator, s.noisy) for s in samples]

@@ -127,7 +127,7 @@ def main(argv=None):
 
     def add(name, images, seconds):
         outputs[name] = images
-        summaries.append(evaluate.score(samples, images, name, args.dataset, "test", seconds))
+        summaries.append(scoring.score(samples, images, name, args.dataset, "test", seconds))
 
     if not args.no_bm3d:
         add("BM3D.py", *timed(BM3D.denoise, samples))
@@ -140,7 +140,7 @@ def main(argv=None):
             add(name + " ens", *timed(lambda x: models.denoise_array(generator, x, ensemble=True), samples))
     if args.dataset == "duke28":
         for folder in sorted((SHARED_DATA / "published_outputs").iterdir()):
-            add(folder.name, evaluate.read_outputs(folder, samples), None)
+            add(folder.name, scoring.read_outputs(folder, samples), None)
 
     table = markdown(summaries)
     print(f"\n{args.dataset} test split, {len(samples)} images, mean ± std\n{table}")

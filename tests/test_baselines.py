@@ -17,7 +17,8 @@ import synthetic  # noqa: E402
 from utils import psnr  # noqa: E402
 
 SCRIPTS = {"BM3D": BM3D, "NLM": NLM}
-JSON_KEYS = {"method", "dataset", "split", "n_images", "mean", "std", "noisy_mean", "noisy_std", "seconds_per_image"}
+JSON_KEYS = {"method", "dataset", "split", "n_images", "bscans", "mean", "std", "noisy_mean", "noisy_std",
+             "seconds_per_image", "per_image"}
 
 
 def pair(seed=0, height=64, width=96, eight_bit=True):
@@ -114,16 +115,22 @@ def test_missing_data_root_is_one_line_error(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_tune_refuses_test_split(name, tmp_path):
+@pytest.mark.parametrize("split", ["test", "all"])
+def test_tune_refuses_any_split_with_test_subjects(name, split, tmp_path):
+    root = tmp_path / "duke"
+    write_fake_duke28(root)
+    (root / "splits.json").write_text('{"train": [1], "test": [2]}')
     with pytest.raises(SystemExit) as exit_info:
-        SCRIPTS[name].main(["--dataset", "duke28", "--data_root", str(tmp_path), "--split", "test", "--tune"])
-    assert "never on the test split" in str(exit_info.value.code)
+        SCRIPTS[name].main(["--dataset", "duke28", "--data_root", str(root), "--split", split, "--tune"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: --tune") and "holds test images" in message and "\n" not in message
 
 
 def test_tune_table(tmp_path, capsys, monkeypatch):
     root = tmp_path / "duke"
     write_fake_duke28(root)
     monkeypatch.setattr(NLM, "TUNE_GRID", {"lateral_bin": (1, 2), "h": (10, 20)})
-    rows = NLM.main(["--dataset", "duke28", "--data_root", str(root), "--split", "all", "--tune"])
+    (root / "splits.json").write_text('{"train": [1, 2], "test": []}')
+    rows = NLM.main(["--dataset", "duke28", "--data_root", str(root), "--split", "train", "--tune"])
     assert len(rows) == 4
     assert "best: --lateral_bin" in capsys.readouterr().out

@@ -51,5 +51,22 @@ def test_ensemble_of_identity_noise_is_exact():
         def forward(self, x):
             return torch.zeros_like(x)
     image = torch.rand(20, 30).numpy()
-    out = models.denoise_array(Zero(), image, ensemble=True)
-    assert out.shape == image.shape and abs(out - image).max() < 1e-6
+    for ensemble in models.ENSEMBLES:
+        out = models.denoise_array(Zero(), image, ensemble=ensemble)
+        assert out.shape == image.shape and abs(out - image).max() < 1e-6
+
+
+def test_lr_ensemble_keeps_the_bscan_upright():
+    """'lr' averages the B-scan and its left-right mirror only; 'all' also turns it upside down."""
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x[0, 0].clone())
+            return torch.zeros_like(x)
+    image = torch.rand(20, 30)
+    models.denoise_array(Record(), image.numpy(), ensemble="lr")
+    assert len(seen) == 2 and torch.equal(seen[0], image) and torch.equal(seen[1], image.flip(-1))
+    seen.clear()
+    models.denoise_array(Record(), image.numpy(), ensemble="all")
+    assert len(seen) == 8 and any(torch.equal(view, image.flip(-2)) for view in seen)

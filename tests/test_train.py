@@ -16,6 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import models  # noqa: E402
+import scoring  # noqa: E402
 import train  # noqa: E402
 import trainers  # noqa: E402
 import utils  # noqa: E402
@@ -350,7 +351,7 @@ def test_epoch_best_picks_the_highest_validation_psnr(tmp_path):
 def test_evaluate_split_val_scores_the_images_train_py_validates_on():
     from argparse import Namespace
     from datasets import load_unpaired
-    samples = evaluate.load_scoring_pairs(Namespace(dataset="synthetic", data_root=None, split="val"))
+    samples = scoring.load_scoring_pairs(Namespace(dataset="synthetic", data_root=None, split="val"))
     validation = load_unpaired("synthetic", None, "train", n_val=2)[2]
     assert [s.id for s in samples] == [s.id for s in validation] == ["val_0", "val_1"]
     for got, want in zip(samples, validation):
