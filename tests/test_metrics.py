@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import METRICS, all_metrics, epi, epi_v, gcmse, psnr, ssim  # noqa: E402
+from utils import METRICS, all_metrics, epi, epi_v, gcmse, psnr, roi_metrics, ssim  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_bioptigen"
 Q = math.exp(-4)  # Perona-Malik conduction of a unit step with kappa = 0.5: exp(-(1/0.5)^2)
@@ -170,6 +170,48 @@ def test_shape_mismatch_raises(fn):
         fn(np.zeros((8, 9)), np.zeros((9, 8)))
     with pytest.raises(ValueError, match=r"\(8, 8, 1\)"):
         fn(np.zeros((8, 8, 1)), np.zeros((8, 8, 1)))
+
+
+# ---- ROI metrics (MSR, CNR, ENL) ----
+
+def test_roi_metrics_by_hand():
+    # Foreground regions: [1, 3] (mean 2, std sqrt(2)) and [4, 4, 6, 6] (mean 5, std sqrt(4/3));
+    # background [0, 2] (mean 1, std sqrt(2)); stds with the N-1 denominator.
+    image = np.zeros((2, 6))
+    image[0, 0:2] = [1, 3]
+    image[:, 2:4] = [[4, 4], [6, 6]]
+    image[0, 4:6] = [0, 2]
+    rois = {"foreground": [(0, 0, 2, 1), (2, 0, 2, 2)], "background": [(4, 0, 2, 1)]}
+    got = roi_metrics(image, rois)
+    s1, s2 = math.sqrt(2), math.sqrt(4 / 3)
+    assert got["MSR"] == pytest.approx((2 / s1 + 5 / s2) / 2)
+    s_f = (s1 + s2) / 2
+    assert got["CNR"] == pytest.approx(abs(3.5 - 1) / math.sqrt((s_f ** 2 + 2) / 2))
+    assert got["ENL"] == pytest.approx(1 / 2)
+
+
+def test_roi_metrics_ignore_intensity_scale_and_reject_regions_outside():
+    image = textured((20, 30)) + 0.5
+    rois = {"foreground": [(2, 3, 5, 4), (10, 10, 6, 5)], "background": [(20, 1, 8, 6)]}
+    plain, scaled = roi_metrics(image, rois), roi_metrics(3 * image, rois)
+    assert plain == pytest.approx(scaled)
+    with pytest.raises(ValueError, match="inside"):
+        roi_metrics(image, {"foreground": [(25, 0, 10, 4)], "background": [(0, 0, 4, 4)]})
+
+
+def test_roi_metrics_of_published_mifcn_outputs_match_the_literature():
+    # Check values of the data's README: MIFCN's outputs on subjects 11-15 average
+    # MSR 8.83, CNR 3.97, ENL 2278 (Abbasi et al.'s package).
+    outputs = DATA.parent / "published_outputs" / "MIFCN"
+    if not outputs.is_dir():
+        pytest.skip(f"published outputs not found at {outputs}")
+    import datasets
+    rois = datasets.read_rois(DATA)
+    values = [roi_metrics(datasets.read_image(outputs / f"{n}.tif")[0], rois[str(n)]) for n in range(11, 16)]
+    mean = {k: np.mean([v[k] for v in values]) for k in values[0]}
+    assert mean["MSR"] == pytest.approx(8.83, rel=0.01 / 8.83)
+    assert mean["CNR"] == pytest.approx(3.97, rel=0.01 / 3.97)
+    assert mean["ENL"] == pytest.approx(2278, rel=1e-3)
 
 
 # ---- real data ----

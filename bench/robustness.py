@@ -1,0 +1,215 @@
+"""Noise-level robustness: every method scored at several input noise levels, so one sees which
+method keeps working on a scanner noisier or quieter than the data it was trained or tuned on.
+
+    python bench/robustness.py                        # duke28 test split, levels k = 0, 1, 2, 4
+    python bench/robustness.py --dataset synthetic    # speckle strengths s = 0.5, 1.0, 1.5
+    python bench/robustness.py --quick                # 2 images; BM3D/BM4D only if --methods names them
+    python bench/robustness.py --methods noisy,nlm,tcfl_duke28      # keys: see --help
+
+duke28 (../shared/data/duke_bioptigen): level k is the mean (display domain, [0, 1]) of test.tif
+and its k nearest registered neighbours (2.tif, 3.tif, then 1.tif, 4.tif): a quieter scan, as from
+averaging k + 1 B-scans; k = 0 is the single B-scan everything was trained and tuned on.
+synthetic: level s scales the display-domain speckle residual, clip(clean + s (noisy - clean), 0, 1);
+s = 1 is the training level, 0.5 quieter, 1.5 noisier. Each level is described by its input's
+mean PSNR against the reference. BM4D reads the 5-B-scan volume 1, 2, centre, 3, 4 with the
+level's input at the centre (duke28: the neighbours as recorded; synthetic: scaled like the centre).
+
+Every cell goes through scoring.score, as every results table does. Writes
+bench/results/robustness_<dataset>.json and img/readme/robustness_<dataset>.png (output PSNR
+against input PSNR: numbers only, no scan, so it ships); --quick writes *_quick files, the plot
+to the git-ignored img/.
+"""
+import argparse
+import dataclasses
+import functools
+import importlib
+from types import SimpleNamespace
+
+import numpy as np
+from tqdm import tqdm
+
+from common import ROOT, SHARED_DATA, machine, save
+from quality import shipped_checkpoints, timed
+
+import BM3D
+import NLM
+import datasets
+import evaluate
+import models
+import scoring
+
+DUKE_LEVELS = (0, 1, 2, 4)             # neighbours averaged with test.tif
+NEAREST_FIRST = (1, 2, 0, 3)           # Sample.neighbours = [1, 2, 3, 4].tif; the volume is 1, 2, test, 3, 4
+SPECKLE_LEVELS = (0.5, 1.0, 1.5)       # synthetic speckle strength
+SLOW = ("bm3d", "bm4d")                # left out by --quick unless --methods names them
+NOISY = "noisy input"
+
+
+@dataclasses.dataclass
+class Level:
+    name: str
+    training: bool  # the noise level the methods were trained / tuned at
+    samples: list   # the test samples with .noisy (and .neighbours) at this level
+
+
+def averaged(sample, k):
+    """The B-scan averaged with its k nearest neighbours; the neighbours stay as recorded."""
+    stack = [sample.noisy] + [sample.neighbours[i] for i in NEAREST_FIRST[:k]]
+    return dataclasses.replace(sample, noisy=np.mean(stack, axis=0).astype(np.float32))
+
+
+def scaled(sample, s):
+    """The speckle residual of the B-scan and of its neighbours scaled by s."""
+    def scale(image):
+        return np.clip(sample.clean + s * (image - sample.clean), 0, 1).astype(np.float32)
+    return dataclasses.replace(sample, noisy=scale(sample.noisy), neighbours=[scale(n) for n in sample.neighbours])
+
+
+def make_levels(dataset, samples):
+    if dataset == "duke28":
+        return [Level(f"k={k}", k == 0, [averaged(x, k) for x in samples]) for k in DUKE_LEVELS]
+    return [Level(f"s={s}", s == 1.0, [scaled(x, s) for x in samples]) for s in SPECKLE_LEVELS]
+
+
+def checkpoint_denoiser(path):
+    generator, _ = evaluate.load_generator(path)
+    return lambda image: models.denoise_array(generator, image)
+
+
+def root_script(name):
+    """denoise() of a root script, imported when its method runs (blur.py, BM4D.py)."""
+    return importlib.import_module(name).denoise
+
+
+def method_table():
+    """key -> (row label, B-scans read per output, loader returning denoise(input); None: the input itself)."""
+    table = {"noisy": (NOISY, 1, None),
+             "blur": ("blur.py", 1, functools.partial(root_script, "blur")),
+             "bm3d": ("BM3D.py", 1, lambda: BM3D.denoise),
+             "nlm": ("NLM.py", 1, lambda: NLM.denoise),
+             "bm4d": ("BM4D.py", 5, functools.partial(root_script, "BM4D"))}
+    for path in shipped_checkpoints():
+        table[path.name.removesuffix("_G.pth")] = (path.name, 1, functools.partial(checkpoint_denoiser, path))
+    return table
+
+
+def choose(spec, table, quick):
+    """--methods: 'all', or keys separated by commas ('ckpt' = every shipped checkpoint)."""
+    if spec == "all":
+        return [key for key in table if not (quick and key in SLOW)]
+    checkpoints = [key for key, (label, _, _) in table.items() if label.endswith("_G.pth")]
+    keys = [k for key in spec.split(",") for k in (checkpoints if key == "ckpt" else [key.strip()])]
+    unknown = [key for key in keys if key not in table]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)} (known: all, ckpt, {', '.join(table)})")
+    return list(dict.fromkeys(keys))
+
+
+def denoise_level(denoise, samples, bscans):
+    """Outputs and mean seconds per image; a volumetric method (bscans > 1) reads Sample.volume()."""
+    if bscans > 1:  # quality.timed denoises .noisy: hand it the volume there
+        samples = [SimpleNamespace(noisy=scoring.denoiser_input(s, volume=True)) for s in samples]
+    return timed(denoise, samples)
+
+
+def run(levels, keys, table, dataset):
+    """{row label: {level name: scoring.score summary}}, the noisy input's row scored once per level."""
+    inputs = {level.name: scoring.score(level.samples, [s.noisy for s in level.samples], NOISY, dataset, "test")
+              for level in levels}
+    results = {}
+    with tqdm(total=len(keys) * len(levels), desc="robustness") as bar:
+        for key in keys:
+            label, bscans, load = table[key]
+            denoise = load() if load else None
+            for level in levels:
+                bar.set_postfix_str(f"{label}, {level.name}")
+                tqdm.write(f"\n--- {label} at {level.name}")
+                if denoise is None:
+                    summary = inputs[level.name]
+                else:
+                    outputs, seconds = denoise_level(denoise, level.samples, bscans)
+                    summary = scoring.score(level.samples, outputs, label, dataset, "test", seconds, bscans=bscans)
+                results.setdefault(label, {})[level.name] = summary
+                bar.update()
+    described = [{"name": level.name, "training": level.training,
+                  "input": {"mean": inputs[level.name]["mean"], "std": inputs[level.name]["std"]}} for level in levels]
+    return described, results
+
+
+def markdown(levels, results, metric, digits):
+    header = [level["name"] + (" (training)" if level["training"] else "") for level in levels]
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(levels) + 1) + "|",
+             f"| input {metric} | " + " | ".join(f"{level['input']['mean'][metric]:.{digits}f}" for level in levels) + " |"]
+    for label, by_level in results.items():
+        cells = [f"{by_level[level['name']]['mean'][metric]:.{digits}f} ± {by_level[level['name']]['std'][metric]:.{digits}f}"
+                 for level in levels]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(path, levels, results, title):
+    """Mean output PSNR against the level's input PSNR, one line per method; the input is y = x."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    levels = sorted(levels, key=lambda level: level["input"]["mean"]["PSNR"])
+    x = [level["input"]["mean"]["PSNR"] for level in levels]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(x, x, color="grey", ls="--", lw=1, marker="o", ms=3, label="noisy input (y = x)")
+    for level, xi in zip(levels, x):
+        ax.annotate(level["name"], (xi, xi), textcoords="offset points", xytext=(4, -10), color="grey", fontsize=8)
+    for label, by_level in results.items():
+        if label != NOISY:
+            ax.plot(x, [by_level[level["name"]]["mean"]["PSNR"] for level in levels], marker="o", ms=4, lw=1.2, label=label)
+    training = next(xi for level, xi in zip(levels, x) if level["training"])
+    ax.axvline(training, color="black", ls=":", lw=1)
+    ax.annotate("training level", xy=(training, 0.02), xycoords=("data", "axes fraction"), xytext=(3, 0),
+                textcoords="offset points", fontsize=8)
+    ax.set_xlabel("input PSNR of the level (dB)")
+    ax.set_ylabel("mean output PSNR (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="duke28", choices=["duke28", "synthetic"])
+    parser.add_argument("--methods", default="all", help="'all' (default) or comma-separated keys: noisy, blur, bm3d, "
+                        "nlm, bm4d, a checkpoint's name without _G.pth (tcfl_duke28, ...), ckpt = every ckpt/*_G.pth")
+    parser.add_argument("--quick", action="store_true", help="two test images; no BM3D/BM4D unless --methods names them")
+    parser.add_argument("--no_save", action="store_true", help="print only: no JSON, no plot")
+    parser.add_argument("--size", type=int, default=256, help="synthetic image size")
+    args = parser.parse_args(argv)
+    table = method_table()
+    keys = choose(args.methods, table, args.quick)
+    info = machine()
+    data = SHARED_DATA / "duke_bioptigen"
+    if args.dataset == "duke28" and not data.is_dir():
+        print(f"{data} not found: running on the synthetic set instead")
+        args.dataset = "synthetic"
+    samples = datasets.load_pairs(args.dataset, data if args.dataset == "duke28" else None, "test", synthetic_size=args.size)
+    if args.quick:
+        samples = samples[:2]
+
+    levels, results = run(make_levels(args.dataset, samples), keys, table, args.dataset)
+    tables = {"PSNR": markdown(levels, results, "PSNR", 2), "SSIM": markdown(levels, results, "SSIM", 3)}
+    for metric, text in tables.items():
+        print(f"\n{args.dataset} test split, {len(samples)} images: {metric}, mean ± std per noise level\n{text}")
+    payload = {"machine": info, "dataset": args.dataset, "n_images": len(samples), "levels": levels,
+               "results": results, "markdown": tables}
+    if args.no_save:
+        return payload
+    name = f"robustness_{args.dataset}{'_quick' if args.quick else ''}"
+    plot(ROOT / "img" / (f"{name}.png" if args.quick else f"readme/{name}.png"), levels, results,
+         f"noise-level robustness, {args.dataset} test split ({len(samples)} images)\n{info['cpu']}, {info['cores']} cores, {info['device']}")
+    save(name, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
