@@ -46,6 +46,9 @@ def parse_args(argv=None):
     default_lr = 5e-5 if args.method == "tcfl" and args.gan == "wgan" else 2e-4
     args.lr_g = default_lr if args.lr_g is None else args.lr_g
     args.lr_d = default_lr if args.lr_d is None else args.lr_d
+    low, high = args.noise_scale
+    if not 0 <= low <= high:
+        raise DataError(f"--noise_scale needs 0 <= LO <= HI, got {low} {high}")
     if args.lateral_bin < 1:
         raise DataError(f"--lateral_bin must be >= 1 (1: full resolution), got {args.lateral_bin}")
     return args
@@ -83,6 +86,9 @@ def get_parser():
     g.add_argument("--n_critic", type=int, default=1, help="D updates per G update")
     g.add_argument("--sigma_tv", type=float, default=0.0, help="total-variation weight on the six estimates")
     g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
+    g.add_argument("--noise_scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
+                   help="scale the noise re-added in P2P/C2P by a factor per image, uniform in [LO, HI] "
+                        "(1 1: the published flow); teaches G quieter and stronger speckle than the training scans'")
     g.add_argument("--zero_mean", action=argparse.BooleanOptionalAction, default=True,
                    help="remove the spatial mean of G's noise estimate (zero-mean speckle prior; "
                         "--no-zero_mean: the published recipe)")

@@ -107,11 +107,20 @@ class TCFLTrainer:
             noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
         return noise
 
+    def noise_scales(self, like):
+        """--noise_scale LO HI: one factor per image, uniform in [LO, HI], for the noise that P2P and C2P
+        re-add, so G also learns to remove quieter and stronger speckle than its training scans carry."""
+        low, high = self.args.noise_scale
+        if low == high == 1.0:
+            return 1.0
+        return torch.empty(len(like), 1, 1, 1, device=like.device).uniform_(low, high)
+
     def fuse(self, noisy_a, noisy_b, clean_c, return_stage2_noise=False):
         """The six clean estimates and the two stage-1 noises, with G called twice."""
         noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b])).chunk(2)
         clean_a1, clean_b1 = noisy_a - noise_a, noisy_b - noise_b
-        stage2 = torch.cat([clean_a1 + noise_b, clean_b1 + noise_a, clean_c + noise_a, clean_c + noise_b])
+        mixed_a, mixed_b = noise_a * self.noise_scales(noise_a), noise_b * self.noise_scales(noise_b)
+        stage2 = torch.cat([clean_a1 + mixed_b, clean_b1 + mixed_a, clean_c + mixed_a, clean_c + mixed_b])
         noise2 = self.noise(stage2)
         clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - noise2).chunk(4)
         fakes = [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2]

@@ -61,6 +61,23 @@ def test_batched_flow_equals_six_separate_calls():
         torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
 
 
+def test_noise_scale_rescales_the_noise_that_p2p_and_c2p_add_back():
+    trainer = make_trainer(noise_scale=[2.0, 2.0], zero_mean=False)
+    seen = []
+    real_noise = trainer.noise
+    trainer.noise = lambda images: seen.append(images) or real_noise(images)
+    a, b, c = triplet()
+    with torch.no_grad():
+        trainer.fuse(a, b, c)
+        noise_a, noise_b = real_noise(torch.cat([a, b])).chunk(2)
+    stage2 = torch.cat([a - noise_a + 2 * noise_b, b - noise_b + 2 * noise_a, c + 2 * noise_a, c + 2 * noise_b])
+    torch.testing.assert_close(seen[1], stage2)
+    drawn = make_trainer(noise_scale=[0.25, 1.5]).noise_scales(torch.zeros(1000, 1, 4, 4))
+    assert drawn.shape == (1000, 1, 1, 1) and 0.25 <= drawn.min() < 0.3 and 1.45 < drawn.max() <= 1.5
+    with pytest.raises(DataError, match="--noise_scale"):
+        train.parse_args(["--noise_scale", "1.5", "0.5"])
+
+
 def test_discriminator_step_sends_no_gradient_into_generator():
     trainer = make_trainer()
     a, b, c = triplet()
