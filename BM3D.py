@@ -33,8 +33,7 @@ import numpy as np
 from skimage.restoration import estimate_sigma
 
 import scoring
-from datasets import DataError
-from utils import at_lateral_scale
+from utils import DataError, at_lateral_scale
 
 # Chosen with `--tune` on the duke28 train split (subjects 1-10, never the test
 # subjects 11-15): mean PSNR there 29.02 dB (noisy input 17.83 dB). PSNR is flat

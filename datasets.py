@@ -10,7 +10,6 @@ Layouts accepted (exactly as the public releases ship them):
     duke17     <root>/<n>/<n>_Raw Image.tif + <root>/<n>/<n>_Averaged Image.tif
     duke28     <root>/<n>/test.tif + average.tif (+ optional 1.tif..4.tif, the
                neighbouring noisy B-scans) and an optional <root>/splits.json
-    folder     any folder of images, no references (for inference)
 """
 import json
 import random
@@ -22,20 +21,22 @@ import cv2
 import numpy as np
 import tifffile
 import torch
+from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 import synthetic
+from utils import DataError
 
-DATASETS = ("synthetic", "pku37", "duke17", "duke28", "folder")
+DATASETS = ("synthetic", "pku37", "duke17", "duke28")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 
 
-class DataError(Exception):
-    """Bad user input: the scripts print it as one line and exit."""
 
 
 # ---------------------------------------------------------------- image I/O
 
-def _to_grey(array, path):
+def to_grey(array, path):
+    """A 2-D grey array from a read image (singleton or equal colour channels dropped), else a DataError."""
     if array.ndim == 3 and array.shape[-1] == 1:  # some writers keep a singleton sample axis
         array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -108,7 +109,7 @@ def read_raw(path):
 
 def read_image(path):
     """Read one grey B-scan -> (float32 image in [0, 1], source bit depth)."""
-    return to_float(_to_grey(read_raw(path), path), path)
+    return to_float(to_grey(read_raw(path), path), path)
 
 
 def write_image(path, image, bit_depth=8):
@@ -301,7 +302,7 @@ def load_pairs(dataset, root=None, split="test", synthetic_size=256, seed=0):
         if split not in ("test", "all"):
             raise DataError("--dataset synthetic scores its test pairs: use --split test")
         return [Sample(f"synthetic_{i}", *data.test_pair(i), 8, "", data.test_neighbours(i)) for i in range(data.n_test)]
-    if dataset in ("pku37", "folder"):
+    if dataset == "pku37":
         raise DataError(f"--dataset {dataset} has no registered references to score against")
     root = _check_root(root, dataset)
     if dataset == "duke28":
@@ -334,15 +335,6 @@ def split_holds_test_subjects(dataset, root, split):
     return dataset == "duke17" or (dataset == "synthetic" and split == "all")
 
 
-def load_folder(root):
-    """Noisy images of any folder, without references (inference)."""
-    samples = []
-    for path in list_images(_check_root(root, "folder")):
-        image, depth = read_image(path)
-        samples.append(Sample(path.stem, image, None, depth, str(path)))
-    return samples
-
-
 def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0):
     """Unpaired training data: (noisy images, clean images, validation pairs).
 
@@ -359,7 +351,7 @@ def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256
         noisy = [data.noisy_train(i) for i in range(data.n_train)]
         clean = [data.clean_train(i) for i in range(data.n_train)]
         return noisy, clean, [Sample(f"val_{i}", *val.test_pair(i), 8, "") for i in range(n_val)]
-    if dataset in ("duke17", "folder"):
+    if dataset == "duke17":
         raise DataError(f"--dataset {dataset} is not an unpaired training set (use synthetic, pku37 or duke28)")
     root = _check_root(root, dataset)
     if dataset == "duke28":
@@ -440,3 +432,122 @@ class TripletDataset(torch.utils.data.Dataset):
         crops = [random_crop(image, self.patch_size, rng) for image in (self.noisy[a], self.noisy[b], self.clean[c])]
         # float32 whatever the caller's arrays hold: the networks' weights are float32.
         return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None] for crop in crops)
+
+
+# ---------------------------------------------------------------- patches for the other methods
+
+# background (pure-noise) patches: DRGAN's noise discriminator, R2R's noise model
+
+def background_corners(image, size, margin=16):
+    """(top, left) of every size x size window of `image` that is signal-free background.
+
+    How: the speckle is smoothed away with a Gaussian of 4 px axially and 16 px laterally (layer
+    boundaries are nearly horizontal). A pixel holds signal where that smooth image is brighter
+    than a third of the way from the background level (its 20th percentile: vitreous and the
+    region below the choroid fill far more than a fifth of a B-scan) to the Otsu threshold of
+    the bright layers; the low threshold keeps the fading choroid out. In each column the
+    retina spans from its first to its last signal pixel (the dark nuclear layers lie in
+    between); a window is background when it lies at least `margin` px above or below that
+    span in every one of its columns. On the synthetic scans no accepted 32 px window holds
+    reference structure above 0.016 std; on Duke's, 0.03 apart from the averaging's dark edge.
+    """
+    height, width = image.shape
+    if height < size or width < size:
+        return np.zeros((0, 2), dtype=np.int64)
+    smooth = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), (4, 16))
+    low = float(np.percentile(smooth, 20))
+    try:
+        threshold = low + (threshold_otsu(smooth) - low) / 3
+    except ValueError:  # a constant image: nothing to tell apart, no retina
+        threshold = np.inf
+    signal = smooth > threshold
+    has_signal = signal.any(axis=0)
+    first = np.where(has_signal, signal.argmax(axis=0), height)
+    last = np.where(has_signal, height - 1 - signal[::-1].argmax(axis=0), -1)
+    rows = np.arange(height)[:, None]
+    tissue = (rows >= first - margin) & (rows <= last + margin)
+    # Windows holding no tissue pixel: a zero box sum over the integral image.
+    integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    box = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    return np.argwhere(box == 0)
+
+
+class NoisePatches:
+    """Pure-noise patches cut at random from the background of the noisy training images.
+
+    Each patch has its own mean subtracted: the background is speckle on a constant level,
+    and what DRGAN's noise discriminator compares it with is a residual x - clean(x).
+    """
+
+    def __init__(self, images, size):
+        self.images, self.size = images, size
+        found = [np.column_stack([np.full(len(c), i), c]) for i, image in enumerate(images)
+                 if len(c := background_corners(image, size))]
+        if not found:
+            raise DataError(f"no signal-free background patch of --patch_size {size} above or below the retina "
+                            f"in the {len(images)} noisy training images; use a smaller --patch_size")
+        self.corners = np.concatenate(found)
+
+    def sample(self, count, generator):
+        picks = torch.randint(len(self.corners), (count,), generator=generator).tolist()
+        flips = torch.rand(count, generator=generator).tolist()
+        patches = []
+        for pick, flip in zip(picks, flips):
+            i, top, left = self.corners[pick]
+            patch = self.images[i][top:top + self.size, left:left + self.size]
+            patch = patch[:, ::-1] if flip < 0.5 else patch
+            patches.append(torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32)))
+        patches = torch.stack(patches)[:, None]
+        return patches - patches.mean(dim=(-2, -1), keepdim=True)
+
+
+
+class PairedCropDataset(TripletDataset):
+    """(noisy_i, noisy_j, clean_i): a registered noisy/clean pair cropped at the same place
+    (same left-right flip) and, as TCFL's I_B, a crop of another pair's noisy image (used by
+    the collapse guard only). Reproducible from (seed, epoch, index) like TripletDataset."""
+
+    def __init__(self, pairs, patch_size, length, seed=0):
+        if not pairs:
+            raise DataError("--method cncl: no registered noisy/clean training pairs")
+        for noisy, clean in pairs:
+            if noisy.shape != clean.shape:
+                raise DataError(f"--method cncl: a training pair's noisy {noisy.shape} and clean {clean.shape} sizes differ")
+            if min(noisy.shape) < patch_size:
+                raise DataError(f"--method cncl: training pair of size {noisy.shape[0]}x{noisy.shape[1]} "
+                                f"is smaller than --patch_size {patch_size}")
+        self.pairs, self.patch_size, self.length, self.seed, self.epoch = pairs, patch_size, length, seed, 0
+
+    def __getitem__(self, index):
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        i = rng.randrange(len(self.pairs))
+        j = rng.choice([k for k in range(len(self.pairs)) if k != i] or [i])
+        noisy, clean = self.pairs[i]
+        size = self.patch_size
+        top, left = rng.randrange(noisy.shape[0] - size + 1), rng.randrange(noisy.shape[1] - size + 1)
+        crops = [noisy[top:top + size, left:left + size], clean[top:top + size, left:left + size]]
+        if rng.random() < 0.5:  # left-right only: up-down would put the vitreous below the retina
+            crops = [crop[:, ::-1] for crop in crops]
+        other = self.pairs[j][0]
+        top, left = rng.randrange(other.shape[0] - size + 1), rng.randrange(other.shape[1] - size + 1)
+        crops.insert(1, other[top:top + size, left:left + size])
+        return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None] for crop in crops)
+
+
+def paired_training_data(dataset, root, split, val_samples, seed=0, n_synthetic=64, synthetic_size=256):
+    """Registered (noisy, clean) training pairs for CNCL: duke28's test.tif + average.tif of the
+    training subjects, minus the validation subjects held back and any test subject; for the
+    synthetic set, fresh noisy_clean_pair phantoms (none shared with its test or validation sets)."""
+    if dataset == "synthetic":
+        # Integer seeds: SyntheticOCT's own images use (seed, split, index) tuples, a different stream.
+        return [synthetic.noisy_clean_pair(10**6 * (seed + 1) + i, synthetic_size, synthetic_size) for i in range(n_synthetic)]
+    if dataset != "duke28":
+        raise DataError(f"--method cncl trains on registered noisy/clean pairs; --dataset {dataset} is unpaired "
+                        "(use duke28, whose test.tif/average.tif are registered, or synthetic)")
+    held_back = {sample.id for sample in val_samples}
+    test_ids = set((_read_splits(Path(root)) or {}).get("test", []))
+    pairs = [(s.noisy, s.clean) for s in load_pairs("duke28", root, split) if s.id not in held_back | test_ids]
+    if not pairs:
+        raise DataError(f"{root}: split '{split}' leaves no training subject for --method cncl after holding back "
+                        f"{len(held_back)} for validation")
+    return pairs

@@ -16,9 +16,8 @@ import tifffile
 from tqdm import tqdm
 
 import datasets
-import evaluate
 import models
-from datasets import DataError
+from utils import DataError
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "ckpt" / "tcfl_duke28_G.pth"
 
@@ -42,7 +41,7 @@ def read_slices(path):
         slices = [datasets.to_float(page, path) for page in array]
         return [image for image, _ in slices], array.dtype, True
     image, _ = datasets.read_image(path)
-    return [image], datasets._to_grey(array, path).dtype, False
+    return [image], datasets.to_grey(array, path).dtype, False
 
 
 def write_slices(path, images, dtype, is_stack):
@@ -65,10 +64,7 @@ def make_denoiser(args):
         return NLM.denoise
     if args.ckpt is None and args.epoch is None:
         args.ckpt = str(SHIPPED_CHECKPOINT)
-    generator, _ = evaluate.load_generator(evaluate.checkpoint_path(args), evaluate.resolve_device(args.device))
-    evaluate.set_lateral_bin(generator, args.lateral_bin)
-    device = next(generator.parameters()).device
-    return lambda image: models.denoise_array(generator, image, device, args.ensemble, args.bf16, args.tile)
+    return models.load_for_options(args, models.checkpoint_path(args.ckpt, args.epoch, args.ckpt_dir))[0]
 
 
 def main(argv=None):
@@ -76,18 +72,7 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or multi-page TIFF stacks")
     parser.add_argument("--out", required=True, help="output folder (not an input's own folder)")
     parser.add_argument("--method", default="model", choices=["model", "bm3d", "nlm"])
-    parser.add_argument("--epoch", type=evaluate.epoch_arg, default=None, help="use <ckpt_dir>/epoch_N.pth ('best': best validation)")
-    parser.add_argument("--ckpt", default=None, help=f"checkpoint file (default: {SHIPPED_CHECKPOINT.name})")
-    parser.add_argument("--ckpt_dir", default="ckpt")
-    parser.add_argument("--ensemble", nargs="?", const="lr", default=None, choices=list(models.ENSEMBLES),
-                        help="average flipped passes: 'lr' (bare --ensemble, 2x slower): the B-scan and its left-right "
-                             "mirror; 'all': the 8 flips/rotations (8x slower)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
-    parser.add_argument("--tile", type=int, default=512, help="tile size; bounds memory on large images")
-    parser.add_argument("--lateral_bin", type=int, default=None,
-                        help="denoise B-scans binned N:1 laterally (default: as the checkpoint was trained; "
-                             "the shipped one: 4, for laterally oversampled scans like Duke's 900 A-scans)")
+    models.add_checkpoint_args(parser)  # default checkpoint: the shipped ckpt/tcfl_duke28_G.pth
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
 

@@ -4,12 +4,16 @@ Every generator maps a noisy B-scan x (N, 1, H, W) to its estimated noise n, so 
 denoised image is x - G(x), as in TCFL. Pick one with --backbone; GENERATORS maps
 the name to the class.
 """
+import argparse
+import csv
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import at_lateral_scale
+from utils import DataError, at_lateral_scale, resolve_device
 
 
 def init_weights(module):
@@ -152,39 +156,33 @@ def build_discriminator():
 
 
 @torch.no_grad()
-def predict_noise(generator, image, tile=512, margin=32, bf16=False):
-    """G(image) for a (1, 1, H, W) tensor, in overlapping tiles when the image is large.
+def predict_noise(net, image, tile=512, margin=32, bf16=False, zero_mean=False):
+    """net(image) for a (1, 1, H, W) tensor, in overlapping tiles when the image is large.
 
     Each tile is computed with `margin` extra pixels of context on every side and only
     its centre is kept: beyond the generator's receptive field (21 px for DnCNN) the
     result equals the untiled one, and memory stays bounded for any B-scan size.
 
-    A generator with `zero_mean = True` (train.py --zero_mean) has the spatial mean of its
-    noise map removed, over the whole image: display-domain speckle has zero mean, and
-    TCFL's identity losses cannot see a constant offset in G's output.
+    zero_mean (train.py --zero_mean): the spatial mean of the noise map is removed, over the
+    whole image: display-domain speckle has zero mean, and TCFL's identity losses cannot see
+    a constant offset in G's output.
     """
-    noise = _predict_noise_tiled(generator, image, tile, margin, bf16)
-    if getattr(generator, "zero_mean", False):
-        noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
-    return noise
-
-
-def _predict_noise_tiled(generator, image, tile, margin, bf16):
     height, width = image.shape[-2:]
     autocast = torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16)
     if height <= tile + 2 * margin and width <= tile + 2 * margin:
         with autocast:
-            return generator(image).float()
-    noise = torch.empty_like(image)
-    for top in range(0, height, tile):
-        for left in range(0, width, tile):
-            t0, l0 = max(top - margin, 0), max(left - margin, 0)
-            t1, l1 = min(top + tile + margin, height), min(left + tile + margin, width)
-            with autocast:
-                out = generator(image[..., t0:t1, l0:l1]).float()
-            bottom, right = min(top + tile, height), min(left + tile, width)
-            noise[..., top:bottom, left:right] = out[..., top - t0:bottom - t0, left - l0:right - l0]
-    return noise
+            noise = net(image).float()
+    else:
+        noise = torch.empty_like(image)
+        for top in range(0, height, tile):
+            for left in range(0, width, tile):
+                t0, l0 = max(top - margin, 0), max(left - margin, 0)
+                t1, l1 = min(top + tile + margin, height), min(left + tile + margin, width)
+                with autocast:
+                    out = net(image[..., t0:t1, l0:l1]).float()
+                bottom, right = min(top + tile, height), min(left + tile, width)
+                noise[..., top:bottom, left:right] = out[..., top - t0:bottom - t0, left - l0:right - l0]
+    return noise - noise.mean(dim=(-2, -1), keepdim=True) if zero_mean else noise
 
 
 # Test-time ensembles, as (quarter turns, left-right flip) views. 'lr' keeps the B-scan upright, as
@@ -194,28 +192,49 @@ ENSEMBLES = {"lr": [(0, False), (0, True)],
              "all": [(k, flip) for flip in (False, True) for k in range(4)]}
 
 
-@torch.no_grad()
-def denoise_array(generator, image, device="cpu", ensemble=None, bf16=False, tile=512, lateral_bin=None):
-    """clip(x - G(x), 0, 1) for a 2-D float image; ensemble 'lr' | 'all' averages flipped passes (ENSEMBLES).
+class Denoiser:
+    """A trained network with its inference settings: denoiser(image) -> image for a 2-D float
+    B-scan in [0, 1]. What evaluate.py, denoise.py, the benchmarks and training's validation call,
+    as they call the classical baselines' denoise functions.
 
-    lateral_bin (default: the generator's, set from its checkpoint by evaluate.load_generator):
-    a generator trained with train.py --lateral_bin N denoises the B-scan binned N:1 laterally,
-    and its output is resized back to the input's size.
+    net: module noisy (N, 1, H, W) -> noise, so the output is clip(x - net(x), 0, 1).
+    lateral_bin: a net trained on B-scans binned N:1 laterally (train.py --lateral_bin) denoises
+        the B-scan binned the same way, and the output is resized back to the input's size.
+    zero_mean: remove the noise map's spatial mean (see predict_noise).
+    ensemble: None, or average the flipped passes of ENSEMBLES['lr' | 'all'].
+    tile, bf16: see predict_noise.
     """
-    factor = lateral_bin or getattr(generator, "lateral_bin", 1)
-    if factor > 1:
-        at_scale = lambda small: denoise_array(generator, small, device, ensemble, bf16, tile, lateral_bin=1)
-        return np.clip(at_lateral_scale(at_scale, image, factor), 0, 1)
-    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None].to(device)
-    if not ensemble:
-        return (x - predict_noise(generator, x, tile, bf16=bf16)).clamp(0, 1)[0, 0].cpu().numpy()
-    views = ENSEMBLES[ensemble]
-    total = torch.zeros_like(x)
-    for k, flip in views:
-        view = torch.rot90(x.flip(-1) if flip else x, k, (-2, -1))
-        out = torch.rot90(view - predict_noise(generator, view, tile, bf16=bf16), -k, (-2, -1))
-        total += out.flip(-1) if flip else out
-    return (total / len(views)).clamp(0, 1)[0, 0].cpu().numpy()
+
+    def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False):
+        if int(lateral_bin) != lateral_bin or lateral_bin < 1:
+            raise DataError(f"--lateral_bin must be a whole number >= 1 (1: full resolution), got {lateral_bin}")
+        if ensemble is not None and ensemble not in ENSEMBLES:
+            raise DataError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble}")
+        self.net, self.lateral_bin, self.zero_mean = net, int(lateral_bin), zero_mean
+        self.ensemble, self.tile, self.bf16 = ensemble, tile, bf16
+
+    def noise(self, x):
+        return predict_noise(self.net, x, self.tile, bf16=self.bf16, zero_mean=self.zero_mean)
+
+    @torch.no_grad()
+    def denoise_tensor(self, x):
+        """(1, 1, H, W) -> denoised, clamped to [0, 1], averaged over the ensemble's views."""
+        if not self.ensemble:
+            return (x - self.noise(x)).clamp(0, 1)
+        views, total = ENSEMBLES[self.ensemble], torch.zeros_like(x)
+        for k, flip in views:
+            view = torch.rot90(x.flip(-1) if flip else x, k, (-2, -1))
+            out = torch.rot90(view - self.noise(view), -k, (-2, -1))
+            total += out.flip(-1) if flip else out
+        return (total / len(views)).clamp(0, 1)
+
+    def __call__(self, image):
+        device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
+
+        def at_scale(small):
+            x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None, None].to(device)
+            return self.denoise_tensor(x)[0, 0].cpu().numpy()
+        return np.clip(at_lateral_scale(at_scale, np.asarray(image, np.float32), self.lateral_bin), 0, 1)
 
 
 # ---------------------------------------------------------------- other training methods (trainers.py, --method)
@@ -443,3 +462,118 @@ class Discriminators(nn.ModuleDict):
 
     def forward(self, batches):
         return {name: self[name](images) for name, images in batches.items()}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def inference_settings(state):
+    """{"lateral_bin", "zero_mean"} a checkpoint denoises with: what train.py recorded, or for
+    checkpoints written before it recorded them, what its options imply (only TCFL trains zero-mean)."""
+    args = state.get("args") or {}
+    if "inference" in state:
+        return dict(state["inference"])
+    return {"lateral_bin": int(args.get("lateral_bin", 1)),
+            "zero_mean": state.get("method", "tcfl") == "tcfl" and bool(args.get("zero_mean", False))}
+
+
+def load_checkpoint(path, device="cpu"):
+    """(Denoiser, checkpoint dict) of train.py's epoch_N.pth or a shipped generator-only file.
+
+    The EMA weights are used when saved. On CPU the network runs in channels_last: oneDNN's
+    convolutions are 1.5x faster that way at no PSNR cost (bench/infer_speed.py).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "generator" not in state or "backbone" not in state:
+        raise DataError(f"{path}: not a checkpoint of this project (no generator/backbone entries)")
+    if state["backbone"] not in GENERATORS:
+        raise DataError(f"{path}: unknown backbone '{state['backbone']}'")
+    method = state.get("method", "tcfl")
+    if method not in METHODS:
+        raise DataError(f"{path}: unknown training method '{method}' (known: {', '.join(METHODS)})")
+    net = build_denoiser(method, state["backbone"], state.get("args") or {})
+    try:
+        net.load_state_dict(state.get("generator_ema") or state["generator"])
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        raise DataError(f"{path}: weights do not fit a {method} ({state['backbone']}) generator "
+                        f"({lines[1].strip() if len(lines) > 1 else error})") from None
+    net = net.to(device).eval()
+    if torch.device(device).type == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    return Denoiser(net, **inference_settings(state)), state
+
+
+def export_checkpoint(path, out):
+    """Write the inference weights of a training checkpoint as a small shippable file."""
+    _, state = load_checkpoint(path)
+    keep = {k: state[k] for k in ("method", "backbone", "args", "inference", "epoch", "step", "history") if k in state}
+    torch.save({**keep, "generator": state.get("generator_ema") or state["generator"], "source": Path(path).name}, out)
+    print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB): {keep.get('method', 'tcfl')} / {keep['backbone']}, "
+          f"epoch {keep.get('epoch')}, step {keep.get('step')}")
+
+
+def epoch_arg(value):
+    """--epoch N, or --epoch best: the epoch with the highest validation PSNR."""
+    if value == "best":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch number or 'best', got '{value}'") from None
+
+
+def best_epoch(ckpt_dir):
+    """The epoch whose validation PSNR (held-back training images, never the test split) is highest."""
+    log = Path(ckpt_dir) / "log.csv"
+    if not log.is_file():
+        raise DataError(f"{log}: no training log, so no validation scores to pick the best epoch from")
+    with open(log) as f:
+        scored = [(float(r["val_psnr"]), int(r["epoch"])) for r in csv.DictReader(f) if r.get("val_psnr")]
+    if not scored:
+        raise DataError(f"{log}: no validation PSNR recorded (trained without validation images?)")
+    value, epoch = max(scored)
+    print(f"best validation PSNR {value:.2f} dB at epoch {epoch} ({log})")
+    return epoch
+
+
+def checkpoint_path(ckpt, epoch, ckpt_dir):
+    """--ckpt PATH, or --epoch N (or best) inside --ckpt_dir, with the available epochs named when missing."""
+    if ckpt:
+        return Path(ckpt)
+    epoch = best_epoch(ckpt_dir) if epoch == "best" else epoch
+    path = Path(ckpt_dir) / f"epoch_{epoch}.pth"
+    if not path.is_file():
+        epochs = sorted(int(p.stem.split("_")[1]) for p in Path(ckpt_dir).glob("epoch_*.pth") if p.stem.split("_")[1].isdigit())
+        available = f"available epochs: {', '.join(map(str, epochs))}" if epochs else "no epoch_N.pth there (train first)"
+        raise DataError(f"{path}: checkpoint not found; {available}")
+    return path
+
+
+def add_checkpoint_args(parser):
+    """The options of the scripts that denoise with a checkpoint (evaluate.py, denoise.py)."""
+    parser.add_argument("--epoch", type=epoch_arg, default=None,
+                        help="evaluate <ckpt_dir>/epoch_N.pth; 'best': the best validation epoch")
+    parser.add_argument("--ckpt", default=None, help="evaluate this checkpoint file")
+    parser.add_argument("--ckpt_dir", default="ckpt")
+    parser.add_argument("--ensemble", nargs="?", const="lr", default=None, choices=list(ENSEMBLES),
+                        help="average flipped passes: 'lr' (the default with a bare --ensemble): the B-scan and its "
+                             "left-right mirror, the only flip training uses; 'all': the 8 flips/rotations")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
+    parser.add_argument("--tile", type=int, default=512, help="tile size for large images (bounded memory)")
+    parser.add_argument("--lateral_bin", type=int, default=None,
+                        help="denoise B-scans binned N:1 laterally (default: as the checkpoint was trained, train.py --lateral_bin)")
+
+
+def load_for_options(args, path):
+    """(Denoiser, checkpoint) of path with add_checkpoint_args' inference settings (--lateral_bin overrides the checkpoint's)."""
+    denoiser, state = load_checkpoint(path, resolve_device(args.device))
+    settings = {"ensemble": args.ensemble, "tile": args.tile, "bf16": args.bf16,
+                "lateral_bin": denoiser.lateral_bin if args.lateral_bin is None else args.lateral_bin}
+    return Denoiser(denoiser.net, zero_mean=denoiser.zero_mean, **settings), state

@@ -18,8 +18,7 @@ from scipy import stats
 from tqdm import tqdm
 
 import datasets
-from datasets import DataError
-from utils import METRICS, ROI_METRICS, all_metrics, psnr, roi_metrics
+from utils import DataError, METRICS, ROI_METRICS, all_metrics, psnr, roi_metrics
 
 # What train.py holds back for validation unless a checkpoint says otherwise (train.py's defaults).
 VAL_DEFAULTS = {"split": "train", "n_val": 2, "seed": 0}

@@ -5,9 +5,11 @@
         --gan wgan --lateral_bin 4                               # the shipped checkpoint's recipe (README)
     torchrun --standalone --nproc_per_node=4 train.py ...         # DDP, --batch_size per process
 
-Per epoch: <ckpt_dir>/epoch_N.pth (everything needed to resume exactly), a sample
-figure <img_dir>/epoch_N.png, a row of <ckpt_dir>/log.csv and validation PSNR and SSIM on
-images held back from the training split (never the test split).
+The story, top to bottom: options (printed, saved as <ckpt_dir>/opt.txt|json) -> device (and
+torchrun's processes) -> data (triplets, or pairs for CNCL) -> the method's trainer (it builds its
+own networks, trainers.py) -> the loop: step, log, and at every epoch's end validation PSNR/SSIM on
+images held back from the training split (never the test split), <ckpt_dir>/epoch_N.pth
+(everything needed to resume exactly), a figure <img_dir>/epoch_N.png and a log row.
 """
 import argparse
 import csv
@@ -30,8 +32,11 @@ from tqdm import tqdm
 import datasets
 import models
 import trainers
-from datasets import DataError
-from utils import bin_laterally, psnr, ssim
+from utils import DataError, bin_laterally, psnr, resolve_device, ssim
+
+
+class TrainingStopped(Exception):
+    """The run stopped before its end (a non-finite loss, Ctrl-C / SIGTERM, DDP out of sync); the last checkpoint is kept."""
 
 
 def raise_keyboard_interrupt(signum, frame):
@@ -39,18 +44,23 @@ def raise_keyboard_interrupt(signum, frame):
 
 
 def parse_args(argv=None):
-    """The options, with the learning rates' defaults filled in for the chosen loss."""
-    args = get_parser().parse_args(argv)
-    # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
-    # short runs (README: the WGAN sweep). Filled in here so that opt.json records the value used.
-    default_lr = 5e-5 if args.method == "tcfl" and args.gan == "wgan" else 2e-4
-    args.lr_g = default_lr if args.lr_g is None else args.lr_g
-    args.lr_d = default_lr if args.lr_d is None else args.lr_d
+    """The options, checked against the method, with the learning rates' defaults filled in for the chosen loss."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    unread = trainers.TRAINERS[args.method].unread_options(args, vars(parser.parse_args([])))
+    if unread:
+        raise DataError(f"--method {args.method} does not read {', '.join('--' + name for name in unread)}: "
+                        "drop the option(s) or pick the method that uses them")
     low, high = args.noise_scale
     if not 0 <= low <= high:
         raise DataError(f"--noise_scale needs 0 <= LO <= HI, got {low} {high}")
     if args.lateral_bin < 1:
         raise DataError(f"--lateral_bin must be >= 1 (1: full resolution), got {args.lateral_bin}")
+    # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
+    # short runs (docs/training.md: the WGAN sweep). Filled in here so that opt.json records the value used.
+    default_lr = 5e-5 if args.gan == "wgan" else 2e-4
+    args.lr_g = default_lr if args.lr_g is None else args.lr_g
+    args.lr_d = default_lr if args.lr_d is None else args.lr_d
     return args
 
 
@@ -115,6 +125,22 @@ def get_parser():
     return p
 
 
+def setup_device(args):
+    """(ddp, rank, world, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python train.py` does not."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        device = resolve_device(args.device)
+        return False, 0, 1, device
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return True, rank, world, device
+
+
 def checkpoints(ckpt_dir):
     """{epoch: path} of the epoch_N.pth files in ckpt_dir."""
     found = {}
@@ -125,25 +151,68 @@ def checkpoints(ckpt_dir):
     return dict(sorted(found.items()))
 
 
-def validate(generator, samples, device, lateral_bin=1):
-    """Mean (PSNR, SSIM) of x - G(x) on held-back training images (BN on running statistics)."""
-    was_training = generator.training
-    generator.eval()
-    scores = []
-    for sample in samples:
-        denoised = models.denoise_array(generator, sample.noisy, device, lateral_bin=lateral_bin)
-        scores.append((psnr(sample.clean, denoised), ssim(sample.clean, denoised)))
-    generator.train(was_training)
+def prepare_output(args, master):
+    """The run's existing checkpoints; refuses to touch them without --resume or --overwrite."""
+    ckpt_dir, existing = Path(args.ckpt_dir), checkpoints(args.ckpt_dir)
+    if existing and not (args.resume or args.overwrite):
+        raise DataError(f"{ckpt_dir} already holds checkpoints (epochs {', '.join(map(str, existing))}); "
+                        "use --resume to continue or --overwrite to start over")
+    if args.resume and not existing:
+        raise DataError(f"--resume: no epoch_N.pth checkpoint in {ckpt_dir}")
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        Path(args.img_dir).mkdir(parents=True, exist_ok=True)
+        if args.overwrite and not args.resume:
+            for path in existing.values():
+                path.unlink()
+            (ckpt_dir / "log.csv").unlink(missing_ok=True)
+    return existing
+
+
+def load_training_data(args, data_kind):
+    """(dataset of triplets or registered pairs, the noisy training images, validation pairs), all laterally binned
+    by --lateral_bin: G learns at the binned scale and denoises there; validation scores at full size."""
+    noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed)
+    binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
+    noisy, clean = binned(noisy), binned(clean)
+    narrowest = min(image.shape[1] for image in noisy + clean)
+    if args.lateral_bin > 1 and narrowest < args.patch_size:
+        raise DataError(f"--lateral_bin {args.lateral_bin} leaves training images {narrowest} px wide, "
+                        f"narrower than --patch_size {args.patch_size}")
+    if data_kind == "pairs":  # supervised (CNCL): registered (noisy, clean) crops of the training subjects only
+        pairs = datasets.paired_training_data(args.dataset, args.data_root, args.split, val_samples, seed=args.seed)
+        dataset = datasets.PairedCropDataset([tuple(binned(pair)) for pair in pairs], args.patch_size, args.epoch_size, seed=args.seed)
+    else:
+        dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
+    return dataset, noisy, val_samples
+
+
+def print_options(args, summary):
+    """CycleGAN's habit: every option printed at start and saved beside the checkpoints."""
+    options = "\n".join(f"{k:>16}: {v}" for k, v in sorted(vars(args).items()))
+    print(f"----------------- options -----------------\n{options}\n{summary}")
+    (Path(args.ckpt_dir) / "opt.txt").write_text(options + "\n")
+    (Path(args.ckpt_dir) / "opt.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+
+def validate(denoiser, samples):
+    """Mean (PSNR, SSIM) of the denoised held-back training images (BN on running statistics)."""
+    net, was_training = denoiser.net, denoiser.net.training
+    net.eval()
+    scores = [(psnr(s.clean, out), ssim(s.clean, out)) for s in samples for out in [denoiser(s.noisy)]]
+    net.train(was_training)
     return tuple(float(v) for v in np.mean(scores, axis=0)) if scores else (float("nan"), float("nan"))
 
 
-def save_figure(path, generator, sample, device, lateral_bin=1):
+def save_figure(path, denoiser, sample):
     """noisy | denoised | estimated noise | reference (where known), one row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    generator.eval()
-    denoised = models.denoise_array(generator, sample.noisy, device, lateral_bin=lateral_bin)
+    net, was_training = denoiser.net, denoiser.net.training
+    net.eval()
+    denoised = denoiser(sample.noisy)
+    net.train(was_training)
     panels = [("noisy", sample.noisy), ("denoised", denoised), ("estimated noise", sample.noisy - denoised)]
     if sample.clean is not None:
         panels.append(("reference", sample.clean))
@@ -185,202 +254,182 @@ def save_loss_curves(log_path, png_path):
     plt.close(fig)
 
 
+LOG_FIELDS = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "noise_mean", "noise_distance",
+              "input_distance", "noise_spread", "val_psnr", "val_ssim", "seconds"]
+
+
+class Run:
+    """A training run's state beyond the trainer: step, validation history, the log, checkpoints (rank 0 writes)."""
+
+    def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch):
+        self.args, self.trainer, self.val_samples = args, trainer, val_samples
+        self.ddp, self.rank, self.world, self.master = ddp, rank, world, rank == 0
+        self.steps_per_epoch, self.step, self.history, self.window = steps_per_epoch, 0, [], []
+        self.log_path, self.start = Path(args.ckpt_dir) / "log.csv", time.time()
+        self.log_fields = LOG_FIELDS
+        if args.resume and self.log_path.exists():  # a log begun before val_ssim was recorded keeps its columns
+            with open(self.log_path) as f:
+                self.log_fields = next(csv.reader(f), None) or LOG_FIELDS
+
+    def resume(self, path, device):
+        state = torch.load(path, map_location=device, weights_only=True)
+        self.trainer.load_state_dict(state)
+        torch.set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        self.step, self.history = state["step"], state["history"]
+        if self.master:
+            print(f"resuming from {path} (step {self.step})")
+
+    def save_checkpoint(self, epoch):
+        """One dict of plain types and tensors per epoch (loads with weights_only=True); every rank's RNG state."""
+        rng = [torch.get_rng_state()]
+        if self.ddp:
+            rng = [None] * self.world
+            torch.distributed.all_gather_object(rng, torch.get_rng_state())
+        if not self.master:
+            return
+        args = self.args
+        state = {**self.trainer.state_dict(), "epoch": epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                 "world_size": self.world, "method": args.method, "backbone": args.backbone, "args": vars(args),
+                 "inference": {"lateral_bin": args.lateral_bin, "zero_mean": self.trainer.zero_mean},
+                 "history": self.history, "rng": rng}
+        tmp = Path(args.ckpt_dir) / f"epoch_{epoch}.pth.tmp"
+        torch.save(state, tmp)
+        tmp.replace(Path(args.ckpt_dir) / f"epoch_{epoch}.pth")  # never leave a half-written checkpoint
+
+    def log(self, stats, epoch_done, last):
+        """Rank 0: every --log_every steps a row of log.csv (means since the last row) and the collapse check;
+        at an epoch's end also the validation scores."""
+        self.window.append(stats)
+        if not self.master or not (self.step % self.args.log_every == 0 or epoch_done or last):
+            return
+        mean = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
+        self.window = []
+        warning = trainers.collapse_warning(mean, self.args.collapse_tol)
+        if warning:
+            tqdm.write(warning)
+        epoch = (self.step - 1) // self.steps_per_epoch + 1
+        row = {"epoch": epoch, "step": self.step, **mean, "val_psnr": "", "val_ssim": "", "seconds": round(time.time() - self.start, 1)}
+        if (epoch_done or last) and self.val_samples:
+            row["val_psnr"], row["val_ssim"] = validate(self.trainer.denoiser(self.args.lateral_bin), self.val_samples)
+            self.history.append({"epoch": epoch, "step": self.step, "val_psnr": row["val_psnr"], "val_ssim": row["val_ssim"],
+                                 "loss_g": mean["loss_g"], "identity": mean["identity"]})
+            tqdm.write(f"epoch {epoch} step {self.step}: validation PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}")
+        new_file = not self.log_path.exists()
+        with open(self.log_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.log_fields, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def end_of_epoch(self, epoch, sample):
+        self.save_checkpoint(epoch)
+        if self.master:
+            img_dir = Path(self.args.img_dir)
+            save_figure(img_dir / f"epoch_{epoch}.png", self.trainer.denoiser(self.args.lateral_bin), sample)
+            save_loss_curves(self.log_path, img_dir / "loss_curves.png")
+
+
+def all_finite(stats, device, ddp):
+    """Whether both losses are finite on every rank (so all ranks stop together)."""
+    finite = torch.tensor(float(math.isfinite(stats["loss_g"]) and math.isfinite(stats["loss_d"])), device=device)
+    if ddp:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return finite.item() == 1
+
+
+def train(run, dataset, device, total_steps, figure_sample):
+    """The loop: epochs of --epoch_size triplets, each rank taking its share; a checkpoint per epoch."""
+    args, per_epoch = run.args, run.steps_per_epoch
+    progress = tqdm(total=total_steps, initial=run.step, disable=not run.master, desc="train", dynamic_ncols=True)
+    while run.step < total_steps:
+        epoch = run.step // per_epoch  # 0-based epoch being trained
+        dataset.set_epoch(epoch)
+        # Ranks take interleaved triplets (the job of a DistributedSampler); a resumed run skips what it did.
+        indices = list(range(args.epoch_size))[run.rank::run.world][: per_epoch * args.batch_size]
+        indices = indices[(run.step % per_epoch) * args.batch_size:]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=indices,
+                                             drop_last=True, num_workers=args.workers)
+        for batch in loader:
+            memory = torch.channels_last if args.channels_last else torch.contiguous_format
+            stats = run.trainer.step(*(t.to(device).contiguous(memory_format=memory) for t in batch))
+            run.step += 1
+            if not all_finite(stats, device, run.ddp):
+                raise TrainingStopped(f"non-finite loss at step {run.step} (loss_g {stats['loss_g']}, loss_d {stats['loss_d']}); "
+                                      f"stopped, the last good checkpoint in {args.ckpt_dir} is kept. Lower --lr_g/--lr_d.")
+            progress.update(1)
+            progress.set_postfix(g=f"{stats['loss_g']:.3f}", d=f"{stats['loss_d']:.3f}", id=f"{stats['identity']:.4f}")
+            epoch_done, last = run.step % per_epoch == 0, run.step >= total_steps
+            run.log(stats, epoch_done, last)
+            if epoch_done or last:
+                run.end_of_epoch(epoch + 1, figure_sample)
+            if last:
+                break
+    progress.close()
+
+
+def replicas_agree(run):
+    """DDP keeps replicas in lockstep; rank 0 prints each rank's weight hash, so a broken setup cannot go unnoticed."""
+    weights = b"".join(p.detach().cpu().numpy().tobytes() for p in run.trainer.trained.parameters())
+    digests = [None] * run.world
+    torch.distributed.all_gather_object(digests, hashlib.sha1(weights).hexdigest())
+    if run.master:
+        for rank, digest in enumerate(digests):
+            print(f"rank {rank} generator sha1 {digest}")
+    torch.distributed.barrier()
+    destroy_process_group()
+    return len(set(digests)) == 1
+
+
 def main(argv=None):
     args = parse_args(argv)
-
-    # torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python train.py` does not.
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        use_cuda = args.device != "cpu" and torch.cuda.is_available()
-        init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        else:  # share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    else:
-        rank, world = 0, 1
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise DataError("--device cuda: no CUDA device is available")
-        device = torch.device("cuda" if use_cuda else "cpu")
-    master = rank == 0
+    ddp, rank, world, device = setup_device(args)
     torch.manual_seed(args.seed + rank)
+    existing = prepare_output(args, master=rank == 0)
 
-    ckpt_dir, img_dir = Path(args.ckpt_dir), Path(args.img_dir)
-    existing = checkpoints(ckpt_dir)
-    if existing and not (args.resume or args.overwrite):
-        raise DataError(f"{ckpt_dir} already holds checkpoints (epochs {', '.join(map(str, existing))}); "
-                        "use --resume to continue or --overwrite to start over")
-    if args.resume and not existing:
-        raise DataError(f"--resume: no epoch_N.pth checkpoint in {ckpt_dir}")
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        img_dir.mkdir(parents=True, exist_ok=True)
-        if args.overwrite and not args.resume:
-            for path in existing.values():
-                path.unlink()
-            (ckpt_dir / "log.csv").unlink(missing_ok=True)
-
-    noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed)
-    # G learns at the binned scale and denoises there (models.denoise_array); validation scores at full size.
-    binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
-    noisy, clean = binned(noisy), binned(clean)
-    narrowest = min(image.shape[1] for image in noisy + clean)
-    if args.lateral_bin > 1 and narrowest < args.patch_size:
-        raise DataError(f"--lateral_bin {args.lateral_bin} leaves training images {narrowest} px wide, "
-                        f"narrower than --patch_size {args.patch_size}")
-    if args.method == "cncl":  # supervised: registered (noisy, clean) crops of the training subjects only
-        pairs = trainers.paired_training_data(args.dataset, args.data_root, args.split, val_samples, seed=args.seed)
-        pairs = [tuple(binned(pair)) for pair in pairs]
-        dataset = trainers.PairedCropDataset(pairs, args.patch_size, args.epoch_size, seed=args.seed)
-    else:
-        dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
+    method = trainers.TRAINERS[args.method]
+    dataset, noisy, val_samples = load_training_data(args, method.data)
     steps_per_epoch = args.epoch_size // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise DataError(f"--epoch_size {args.epoch_size} is smaller than one global batch ({args.batch_size} x {world})")
-
-    generator = models.build_generator(args.backbone).to(device)
-    generator.zero_mean = args.zero_mean
-    discriminator = models.build_discriminator().to(device)
-    if ddp and args.sync_bn:
-        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-    if args.channels_last:
-        generator, discriminator = generator.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)
     # Under torchrun the trainer updates through DDP wrappers; it keeps the bare modules for saving.
-    wrap = (lambda m: DDP(m, device_ids=[device.index] if use_cuda else None)) if ddp else (lambda m: m)
-    # R2R measures its noise model and DRGAN cuts its noise patches on the noisy training images.
-    extra = {} if args.method == "tcfl" else {"noisy_images": noisy}
-    trainer = trainers.TRAINERS[args.method](generator, discriminator, args, wrap, **extra)
-
+    wrap = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if ddp else (lambda m: m)
+    trainer = method(args, device, noisy_images=noisy, wrap=wrap)
+    if args.channels_last:
+        for module in (trainer.trained, trainer.D):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     total_steps = args.niter * steps_per_epoch if not args.max_steps else min(args.max_steps, args.niter * steps_per_epoch)
     if args.cosine:
         trainer.set_cosine_schedule(args.niter * steps_per_epoch)
-    step, history = 0, []
+
+    run = Run(args, trainer, val_samples, ddp, rank, world, steps_per_epoch)
     if args.resume:
-        latest = existing[max(existing)]
-        state = torch.load(latest, map_location=device, weights_only=True)
-        trainer.load_state_dict(state)
-        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        step, history = state["step"], state["history"]
-        if master:
-            print(f"resuming from {latest} (step {step})")
-
-    if master:
-        options = "\n".join(f"{k:>16}: {v}" for k, v in sorted(vars(args).items()))
-        print(f"----------------- options -----------------\n{options}\n"
-              f"device {device}, world size {world}, {len(noisy)} noisy / {len(clean)} clean training images, "
-              f"{len(val_samples)} validation pairs, {steps_per_epoch} steps per epoch")
-        (ckpt_dir / "opt.txt").write_text(options + "\n")
-        (ckpt_dir / "opt.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-
-    log_path = ckpt_dir / "log.csv"
-    log_fields = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "noise_mean", "noise_distance",
-                  "input_distance", "noise_spread", "val_psnr", "val_ssim", "seconds"]
-    if args.resume and log_path.exists():  # a log begun before val_ssim was recorded keeps its columns
-        with open(log_path) as f:
-            log_fields = next(csv.reader(f), None) or log_fields
-
-    def save_checkpoint(epoch):
-        """Rank 0 writes one dict of plain types and tensors (loads with weights_only=True)."""
-        rng = [torch.get_rng_state()]
-        if ddp:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, torch.get_rng_state())
-            rng = gathered
-        if not master:
-            return
-        state = {**trainer.state_dict(), "epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch, "world_size": world,
-                 "method": args.method, "backbone": args.backbone, "args": vars(args), "history": history, "rng": rng}
-        tmp = ckpt_dir / f"epoch_{epoch}.pth.tmp"
-        torch.save(state, tmp)
-        tmp.replace(ckpt_dir / f"epoch_{epoch}.pth")  # never leave a half-written checkpoint
+        run.resume(existing[max(existing)], device)
+    if run.master:
+        print_options(args, f"device {device}, world size {world}, {len(noisy)} noisy training images, "
+                            f"{len(val_samples)} validation pairs, {steps_per_epoch} steps per epoch")
 
     # Ctrl-C and a scheduler's SIGTERM (or `kill`) both stop the run the same way: checkpoint, then
     # exit. SIGINT gets Python's handler back because shells start background jobs with it ignored.
-    previous_handlers = {sig: signal.signal(sig, handler) for sig, handler in
-                         ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, raise_keyboard_interrupt))}
-    start = time.time()
-    progress = tqdm(total=total_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-    window, stop_reason = [], None
+    handlers = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, raise_keyboard_interrupt))}
+    stop = None
     try:
-        while step < total_steps and stop_reason is None:
-            epoch = step // steps_per_epoch  # 0-based epoch being trained
-            dataset.set_epoch(epoch)
-            # Ranks take interleaved triplets (the job of a DistributedSampler); a resumed run skips what it did.
-            indices = list(range(args.epoch_size))[rank::world][: steps_per_epoch * args.batch_size]
-            indices = indices[(step % steps_per_epoch) * args.batch_size:]
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=indices,
-                                                 drop_last=True, num_workers=args.workers)
-            for noisy_a, noisy_b, clean_c in loader:
-                noisy_a, noisy_b, clean_c = (t.to(device) for t in (noisy_a, noisy_b, clean_c))
-                if args.channels_last:
-                    noisy_a, noisy_b, clean_c = (t.contiguous(memory_format=torch.channels_last) for t in (noisy_a, noisy_b, clean_c))
-                stats = trainer.step(noisy_a, noisy_b, clean_c)
-                step += 1
-                finite = torch.tensor(float(math.isfinite(stats["loss_g"]) and math.isfinite(stats["loss_d"])), device=device)
-                if ddp:  # every rank stops together
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if finite.item() == 0:
-                    stop_reason = (f"non-finite loss at step {step} (loss_g {stats['loss_g']}, loss_d {stats['loss_d']}); "
-                                   f"stopped, the last good checkpoint in {ckpt_dir} is kept. Lower --lr_g/--lr_d.")
-                    break
-                window.append(stats)
-                progress.update(1)
-                progress.set_postfix(g=f"{stats['loss_g']:.3f}", d=f"{stats['loss_d']:.3f}", id=f"{stats['identity']:.4f}")
-                epoch_done = step % steps_per_epoch == 0
-                if master and (step % args.log_every == 0 or epoch_done or step == total_steps):
-                    mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                    window = []
-                    warning = trainers.collapse_warning(mean, args.collapse_tol)
-                    if warning:
-                        tqdm.write(warning)
-                    row = {"epoch": epoch + 1, "step": step, **mean, "val_psnr": "", "val_ssim": "", "seconds": round(time.time() - start, 1)}
-                    if epoch_done or step == total_steps:
-                        if val_samples:
-                            row["val_psnr"], row["val_ssim"] = validate(trainer.inference_generator(), val_samples, device, args.lateral_bin)
-                    new_file = not log_path.exists()
-                    with open(log_path, "a", newline="") as f:
-                        writer = csv.DictWriter(f, fieldnames=log_fields, extrasaction="ignore")
-                        if new_file:
-                            writer.writeheader()
-                        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-                    if row["val_psnr"] != "":
-                        history.append({"epoch": epoch + 1, "step": step, "val_psnr": row["val_psnr"], "val_ssim": row["val_ssim"],
-                                        "loss_g": mean["loss_g"], "identity": mean["identity"]})
-                        tqdm.write(f"epoch {epoch + 1} step {step}: validation PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}")
-                if epoch_done or step == total_steps:
-                    save_checkpoint(epoch + 1)
-                    if master:
-                        sample = val_samples[0] if val_samples else datasets.Sample("train_0", noisy[0])
-                        save_figure(img_dir / f"epoch_{epoch + 1}.png", trainer.inference_generator(), sample, device, args.lateral_bin)
-                        save_loss_curves(log_path, img_dir / "loss_curves.png")
-                if step >= total_steps:
-                    break
+        train(run, dataset, device, total_steps, val_samples[0] if val_samples else datasets.Sample("train_0", noisy[0]))
     except KeyboardInterrupt:
-        save_checkpoint(step // steps_per_epoch + 1)
-        stop_reason = f"interrupted at step {step}; checkpoint saved in {ckpt_dir}, continue with --resume"
+        run.save_checkpoint(run.step // steps_per_epoch + 1)
+        stop = TrainingStopped(f"interrupted at step {run.step}; checkpoint saved in {args.ckpt_dir}, continue with --resume")
+    except TrainingStopped as error:
+        stop = error
     finally:
-        for sig, handler in previous_handlers.items():
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    progress.close()
-    if ddp:  # DDP keeps replicas in lockstep; show it, so a broken setup cannot go unnoticed
-        trained = generator if args.method == "tcfl" else trainer.trained_modules()
-        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in trained.parameters())).hexdigest()
-        digests = [None] * world
-        torch.distributed.all_gather_object(digests, digest)
-        if master:
-            for r, d in enumerate(digests):
-                print(f"rank {r} generator sha1 {d}")
-            if len(set(digests)) > 1:
-                stop_reason = stop_reason or "generator weights differ between ranks (DDP out of sync)"
-        torch.distributed.barrier()
-        destroy_process_group()
-    if stop_reason:
-        raise DataError(stop_reason)
-    if master:
-        print(f"done: {step} steps in {time.time() - start:.0f} s; checkpoints in {ckpt_dir}")
+    if ddp and not replicas_agree(run):
+        stop = stop or TrainingStopped("generator weights differ between ranks (DDP out of sync)")
+    if stop:
+        raise stop
+    if run.master:
+        print(f"done: {run.step} steps in {time.time() - run.start:.0f} s; checkpoints in {args.ckpt_dir}")
 
 
 if __name__ == "__main__":
@@ -388,6 +437,8 @@ if __name__ == "__main__":
         main()
     except DataError as error:
         sys.exit(f"error: {error}")
+    except TrainingStopped as stop:
+        sys.exit(f"stopped: {stop}")
     if "RANK" in os.environ:
         # Gloo's threads can abort the interpreter's shutdown ("terminate called without an
         # active exception") after a finished run; everything is saved by now, so leave at once.

@@ -1,5 +1,6 @@
-"""TCFL: triplet cross-fusion learning with one noise generator G and one PatchGAN D.
+"""The training methods: one Trainer base class, one subclass per --method, TRAINERS maps the name.
 
+TCFL (the default), triplet cross-fusion learning with one noise generator G and one PatchGAN D.
 A training triplet is two unrelated noisy images I_A, I_B and one unrelated clean C_C:
     N2P  N_A = G(I_A), N_B = G(I_B),        C_A1 = I_A - N_A,   C_B1 = I_B - N_B
     P2P  I_A' = C_A1 + N_B, I_B' = C_B1 + N_A, C_A2 = I_A' - G(I_A'), C_B2 = I_B' - G(I_B')
@@ -8,26 +9,30 @@ identity = |C_A1 - C_A2| + |C_B1 - C_B2| + |C_C1 - C_C| + |C_C2 - C_C|, and D te
 (real) from the six estimates (fake). The six G calls are two dependent stages, so they
 run as two batched calls, and D sees all six fakes in one call.
 
-The other training methods (--method r2r | n2n | cncl | drgan) follow TCFLTrainer, with the
-same step / checkpoint / log interface; TRAINERS maps the name to the class.
+Every method builds its own networks, declares the data it trains on (`data`) and the
+method-specific options it reads (`reads`), and implements step(a, b, c) -> dict of floats
+(the keys train.py logs). The base owns what they share: the inference module (noisy ->
+noise) and its EMA copy, optimisers, the cosine schedule, a private random generator (so a
+resumed run draws what an uninterrupted one would), the collapse statistics and the
+checkpoint layout.
 """
 import copy
 import math
 import os
-import random
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 import datasets
 import models
-import synthetic
-from datasets import DataError
+from utils import DataError
+
+# Options only some methods read; a method refuses any of these it does not read when set
+# away from its default (unread_options), instead of ignoring it.
+METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
+                  "pool_size", "noise_scale", "lr_d", "backbone", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -77,174 +82,27 @@ def update_ema(ema_model, model, decay, updates):
         ema.copy_(live)
 
 
-class TCFLTrainer:
-    """Owns G, D, their optimisers, the GAN loss and one training step."""
+def gan_loss(scores, real, kind):
+    """Mean loss of D's scores against the label real/fake, for --gan lsgan | vanilla | wgan."""
+    if kind == "lsgan":
+        return F.mse_loss(scores, torch.full_like(scores, float(real)))
+    if kind == "vanilla":
+        return F.binary_cross_entropy_with_logits(scores, torch.full_like(scores, float(real)))
+    if kind == "wgan":  # the critic's estimate of mean(D(real)) - mean(D(fake))
+        return -scores.mean() if real else scores.mean()
+    raise ValueError(f"unknown GAN loss {kind}")
 
-    def __init__(self, generator, discriminator, args, wrap=lambda module: module):
-        # self.G / self.D are the bare modules (saved, evaluated); the *_train versions are what a
-        # step calls: the same modules, wrapped in DistributedDataParallel under torchrun.
-        self.G, self.D, self.args = generator, discriminator, args
-        self.G_train, self.D_train = wrap(generator), wrap(discriminator)
-        self.G_ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema else None
-        self.ema_updates = 0
-        if args.gan == "wgan":
-            # The original WGAN used RMSprop: momentum fights the clipped critic.
-            self.opt_g = torch.optim.RMSprop(generator.parameters(), lr=args.lr_g)
-            self.opt_d = torch.optim.RMSprop(discriminator.parameters(), lr=args.lr_d)
-        else:
-            self.opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
-            self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
-        self.replay = ReplayBuffer(args.pool_size)
-        self.schedulers = []
-        # Published LSGAN recipe: 0.1 on the fakes. A WGAN critic estimates mean(D(real)) - mean(D(fake)),
-        # so there the six fakes together weigh as much as the one real image.
-        self.d_fake_weight = args.d_fake_weight if args.d_fake_weight is not None else (1 / 6 if args.gan == "wgan" else 0.1)
 
-    # -- the cross-fusion flow -------------------------------------------------------
-    def noise(self, images):
-        noise = self.G_train(images)
-        if getattr(self.G, "zero_mean", False):  # see models.predict_noise
-            noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
-        return noise
-
-    def noise_scales(self, like):
-        """--noise_scale LO HI: one factor per image, uniform in [LO, HI], for the noise that P2P and C2P
-        re-add, so G also learns to remove quieter and stronger speckle than its training scans carry."""
-        low, high = self.args.noise_scale
-        if low == high == 1.0:
-            return 1.0
-        return torch.empty(len(like), 1, 1, 1, device=like.device).uniform_(low, high)
-
-    def fuse(self, noisy_a, noisy_b, clean_c, return_stage2_noise=False):
-        """The six clean estimates and the two stage-1 noises, with G called twice."""
-        noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b])).chunk(2)
-        clean_a1, clean_b1 = noisy_a - noise_a, noisy_b - noise_b
-        mixed_a, mixed_b = noise_a * self.noise_scales(noise_a), noise_b * self.noise_scales(noise_b)
-        stage2 = torch.cat([clean_a1 + mixed_b, clean_b1 + mixed_a, clean_c + mixed_a, clean_c + mixed_b])
-        noise2 = self.noise(stage2)
-        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - noise2).chunk(4)
-        fakes = [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2]
-        return (fakes, (noise_a, noise_b), noise2) if return_stage2_noise else (fakes, (noise_a, noise_b))
-
-    def identity_loss(self, fakes, clean_c):
-        clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2 = fakes
-        return (F.l1_loss(clean_a1, clean_a2) + F.l1_loss(clean_b1, clean_b2)
-                + F.l1_loss(clean_c1, clean_c) + F.l1_loss(clean_c2, clean_c))
-
-    # -- GAN losses -------------------------------------------------------------------
-    def gan_loss(self, scores, real):
-        """Mean loss of D's scores against the label real/fake, for --gan lsgan|vanilla|wgan."""
-        if self.args.gan == "lsgan":
-            return F.mse_loss(scores, torch.full_like(scores, float(real)))
-        if self.args.gan == "vanilla":
-            return F.binary_cross_entropy_with_logits(scores, torch.full_like(scores, float(real)))
-        return -scores.mean() if real else scores.mean()  # wgan critic
-
-    # -- one step ---------------------------------------------------------------------
-    def set_cosine_schedule(self, total_steps):
-        """Both learning rates follow a half cosine from their start value to 0 over the run."""
-        decay = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in (self.opt_g, self.opt_d)]
-
-    def step(self, noisy_a, noisy_b, clean_c):
-        """One G update, then --n_critic D updates (G first, as published); floats for the log."""
-        fakes, stats = self.generator_step(noisy_a, noisy_b, clean_c)
-        stats["loss_d"] = self.discriminator_step(clean_c, fakes)
-        for scheduler in self.schedulers:
-            scheduler.step()
-        return stats
-
-    def autocast(self, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
-
-    def generator_step(self, noisy_a, noisy_b, clean_c):
-        args = self.args
-        self.G_train.train()
-        if args.frozen_bn:
-            freeze_batchnorm(self.G)
-        # D's weights are constants here: skip their gradients (and DDP's sync of them).
-        self.D.requires_grad_(False)
-        with self.autocast(noisy_a.device):
-            fakes, (noise_a, noise_b), noise2 = self.fuse(noisy_a, noisy_b, clean_c, return_stage2_noise=True)
-            fakes = torch.cat(fakes).float()
-            # Sum over the six fakes of each one's mean loss = 6 x the mean over all of them.
-            adversarial = 6 * self.gan_loss(self.D(fakes).float(), real=True)
-        noise_a, noise_b = noise_a.float(), noise_b.float()
-        identity = self.identity_loss(fakes.chunk(6), clean_c)
-        loss_g = adversarial + args.lam * identity
-        if args.sigma_tv:
-            loss_g = loss_g + args.sigma_tv * total_variation(fakes)
-        noise_distance = F.l1_loss(noise_a, noise_b)
-        if args.sigma_rep:
-            loss_g = loss_g + args.sigma_rep * (torch.exp(-noise_distance) - 1)
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
-        self.update_ema()
-        self.D.requires_grad_(True)
-        with torch.no_grad():
-            noises = torch.cat([noise_a, noise_b])
-            stats = {
-                "loss_g": loss_g.item(), "adversarial": adversarial.item(), "identity": identity.item(),
-                "noise_mean": torch.cat([noise_a, noise_b]).mean(dim=(1, 2, 3)).abs().mean().item(),
-                # Collapse guard: a constant G makes both of these exactly zero.
-                "noise_distance": noise_distance.item(),
-                "input_distance": F.l1_loss(noisy_a, noisy_b).item(),
-                "noise_spread": noises.std(dim=0).mean().item(),
-            }
-        return fakes, stats
-
-    def discriminator_step(self, clean_c, fakes):
-        """C_C is the only real image. Fakes are detached, so nothing here reaches G."""
-        args = self.args
-        fakes = self.replay(fakes.detach())
-        for _ in range(args.n_critic):
-            with self.autocast(clean_c.device):
-                # Instance norm is per image, so one call on [real; fakes] equals separate calls.
-                scores = self.D_train(torch.cat([clean_c, fakes])).float()
-            loss_real = self.gan_loss(scores[:len(clean_c)], real=True)
-            loss_fake = 6 * self.gan_loss(scores[len(clean_c):], real=False)
-            loss_d = loss_real + self.d_fake_weight * loss_fake
-            self.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            self.opt_d.step()
-            if args.gan == "wgan":
-                with torch.no_grad():
-                    for p in self.D.parameters():
-                        p.clamp_(-args.clip, args.clip)  # in place: the known reproduction's clamp() was a no-op
-        return loss_d.item()
-
-    @torch.no_grad()
-    def update_ema(self):
-        if self.G_ema is not None:
-            self.ema_updates += 1
-            update_ema(self.G_ema, self.G, self.args.ema, self.ema_updates)
-
-    def inference_generator(self):
-        """The generator to denoise with: the EMA copy when kept (never DDP-wrapped)."""
-        return self.G_ema if self.G_ema is not None else self.G
-
-    def state_dict(self):
-        return {
-            "generator": self.G.state_dict(), "discriminator": self.D.state_dict(),
-            "generator_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
-            "ema_updates": self.ema_updates,
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "replay": list(self.replay.images),
-            "schedulers": [s.state_dict() for s in self.schedulers],
-        }
-
-    def load_state_dict(self, state):
-        self.G.load_state_dict(state["generator"])
-        self.D.load_state_dict(state["discriminator"])
-        if self.G_ema is not None and state.get("generator_ema") is not None:
-            self.G_ema.load_state_dict(state["generator_ema"])
-            self.ema_updates = state.get("ema_updates", 0)
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.replay.images = list(state.get("replay", []))
-        for scheduler, saved in zip(self.schedulers, state.get("schedulers", [])):
-            scheduler.load_state_dict(saved)
+def collapse_stats(noise, inputs):
+    """The collapse guard's numbers for a batch of N >= 2 different inputs and their noise estimates:
+    |N_i - N_(i-1)| against |I_i - I_(i-1)| and the spread of the estimates across the batch (a
+    constant G makes both zero), and |spatial mean| of the estimates (zero for display-domain speckle)."""
+    with torch.no_grad():
+        noise, inputs = noise.float(), inputs.float()
+        return {"noise_mean": noise.mean(dim=(1, 2, 3)).abs().mean().item(),
+                "noise_distance": F.l1_loss(noise, noise.roll(1, 0)).item(),
+                "input_distance": F.l1_loss(inputs, inputs.roll(1, 0)).item(),
+                "noise_spread": noise.std(dim=0).mean().item()}
 
 
 def collapse_warning(stats, tolerance=0.01):
@@ -261,83 +119,224 @@ def collapse_warning(stats, tolerance=0.01):
     return None
 
 
-TRAINERS = {"tcfl": TCFLTrainer}
+def _rank():
+    return int(os.environ.get("RANK", 0))
 
 
-# =====================================================================================
-# Alternative training methods (--method r2r | n2n | cncl | drgan)
-#
-# Same interface as TCFLTrainer: step(noisy_a, noisy_b, clean_c) -> dict of floats (the keys
-# train.py logs), state_dict()/load_state_dict(), inference_generator() -> a module mapping a
-# noisy image to its NOISE estimate (models.build_denoiser rebuilds it from a checkpoint), and
-# set_cosine_schedule(). The log's "identity" column holds each method's reconstruction loss,
-# and the collapse guard compares the noise estimates of two different inputs, as for TCFL.
-# =====================================================================================
+class Trainer:
+    """What every method shares. Subclasses build their networks, then call __init__ with
+    model: the inference module (noisy -> noise; what checkpoints ship and evaluate.py loads),
+    trained: everything opt_g updates (default: model), discriminator: what opt_d updates (or None)."""
+
+    data = "triplets"  # what step() is fed: "triplets" (I_A, I_B, C_C) or "pairs" (noisy, other noisy, its clean)
+    reads = frozenset()  # the METHOD_OPTIONS this method reads
+    zero_mean = False  # whether the inference module's noise has its spatial mean removed (TCFL --zero_mean)
+
+    def __init__(self, args, model, trained=None, discriminator=None):
+        self.args, self.model, self.trained, self.D = args, model, trained or model, discriminator
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
+        self.ema_updates = 0
+        self.rng = torch.Generator().manual_seed(args.seed * 1000 + _rank())
+        self.opt_g = self.optimizer(self.trained.parameters(), args.lr_g)
+        self.opt_d = None if discriminator is None else self.optimizer(discriminator.parameters(), args.lr_d)
+        self.schedulers = []
+
+    @classmethod
+    def unread_options(cls, args, defaults):
+        """The method-specific options set away from their defaults that this method does not read."""
+        return [name for name in METHOD_OPTIONS if name not in cls.reads and getattr(args, name) != defaults[name]]
+
+    def optimizer(self, parameters, lr):
+        if self.args.gan == "wgan":  # the original WGAN's RMSprop: momentum fights the clipped critic
+            return torch.optim.RMSprop(parameters, lr=lr)
+        return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))
+
+    def train_mode(self):
+        self.trained.train()
+        if self.args.frozen_bn:
+            freeze_batchnorm(self.trained)
+
+    def autocast(self, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    def set_cosine_schedule(self, total_steps):
+        """Every learning rate follows a half cosine from its start value to 0 over the run."""
+        decay = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in (self.opt_g, self.opt_d) if opt]
+
+    @staticmethod
+    def update(loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def finish_step(self, stats):
+        """After the updates: EMA, schedules, and the log's columns (methods without D log 0 for it)."""
+        self.update_ema()
+        for scheduler in self.schedulers:
+            scheduler.step()
+        return {"loss_d": 0.0, "adversarial": 0.0, **stats}
+
+    @torch.no_grad()
+    def update_ema(self):
+        if self.ema is not None:
+            self.ema_updates += 1
+            update_ema(self.ema, self.model, self.args.ema, self.ema_updates)
+
+    def inference_generator(self):
+        """The module to denoise with: the EMA copy when kept (never DDP-wrapped)."""
+        return self.ema if self.ema is not None else self.model
+
+    def denoiser(self, lateral_bin=1):
+        """The inference module with its settings, as evaluate.py would load it from a checkpoint."""
+        return models.Denoiser(self.inference_generator(), lateral_bin=lateral_bin, zero_mean=self.zero_mean)
+
+    def state_dict(self):
+        return {
+            "generator": self.model.state_dict(),
+            "generator_ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema_updates,
+            "trained": self.trained.state_dict() if self.trained is not self.model else {},
+            "discriminator": self.D.state_dict() if self.D is not None else {},
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else {},
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "trainer_rng": self.rng.get_state(),
+        }
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["generator"])
+        if state.get("trained"):
+            self.trained.load_state_dict(state["trained"])
+        if self.ema is not None and state.get("generator_ema") is not None:
+            self.ema.load_state_dict(state["generator_ema"])
+            self.ema_updates = state.get("ema_updates", 0)
+        if self.D is not None:
+            self.D.load_state_dict(state["discriminator"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        for scheduler, saved in zip(self.schedulers, state.get("schedulers", [])):
+            scheduler.load_state_dict(saved)
+        if "trainer_rng" in state:
+            self.rng.set_state(state["trainer_rng"])
 
 
-# ---------------------------------------------------------------- background (pure-noise) patches
+# ---------------------------------------------------------------- TCFL
 
-def background_corners(image, size, margin=16):
-    """(top, left) of every size x size window of `image` that is signal-free background.
+class TCFLTrainer(Trainer):
+    """TCFL (module docstring). generator / discriminator: prebuilt networks (tests, benchmarks);
+    by default a --backbone generator and the PatchGAN, on `device`."""
 
-    How: the speckle is smoothed away with a Gaussian of 4 px axially and 16 px laterally (layer
-    boundaries are nearly horizontal). A pixel holds signal where that smooth image is brighter
-    than a third of the way from the background level (its 20th percentile: vitreous and the
-    region below the choroid fill far more than a fifth of a B-scan) to the Otsu threshold of
-    the bright layers; the low threshold keeps the fading choroid out. In each column the
-    retina spans from its first to its last signal pixel (the dark nuclear layers lie in
-    between); a window is background when it lies at least `margin` px above or below that
-    span in every one of its columns. On the synthetic scans no accepted 32 px window holds
-    reference structure above 0.016 std; on Duke's, 0.03 apart from the averaging's dark edge.
-    """
-    height, width = image.shape
-    if height < size or width < size:
-        return np.zeros((0, 2), dtype=np.int64)
-    smooth = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), (4, 16))
-    low = float(np.percentile(smooth, 20))
-    try:
-        threshold = low + (threshold_otsu(smooth) - low) / 3
-    except ValueError:  # a constant image: nothing to tell apart, no retina
-        threshold = np.inf
-    signal = smooth > threshold
-    has_signal = signal.any(axis=0)
-    first = np.where(has_signal, signal.argmax(axis=0), height)
-    last = np.where(has_signal, height - 1 - signal[::-1].argmax(axis=0), -1)
-    rows = np.arange(height)[:, None]
-    tissue = (rows >= first - margin) & (rows <= last + margin)
-    # Windows holding no tissue pixel: a zero box sum over the integral image.
-    integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    box = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
-    return np.argwhere(box == 0)
+    reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
+                       "pool_size", "noise_scale", "lr_d", "backbone"})
 
+    def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
+        generator = (generator or models.build_generator(args.backbone)).to(device)
+        discriminator = (discriminator or models.build_discriminator()).to(device)
+        if args.sync_bn and torch.distributed.is_initialized():
+            generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        super().__init__(args, generator, discriminator=discriminator)
+        # self.model / self.D are the bare modules (saved, evaluated); the *_train versions are what a
+        # step calls: the same modules, wrapped in DistributedDataParallel under torchrun.
+        self.G_train, self.D_train = wrap(generator), wrap(discriminator)
+        self.zero_mean = args.zero_mean
+        self.replay = ReplayBuffer(args.pool_size)
+        # Published LSGAN recipe: 0.1 on the fakes. A WGAN critic estimates mean(D(real)) - mean(D(fake)),
+        # so there the six fakes together weigh as much as the one real image.
+        self.d_fake_weight = args.d_fake_weight if args.d_fake_weight is not None else (1 / 6 if args.gan == "wgan" else 0.1)
 
-class NoisePatches:
-    """Pure-noise patches cut at random from the background of the noisy training images.
+    # -- the cross-fusion flow -------------------------------------------------------
+    def noise(self, images):
+        noise = self.G_train(images)
+        if self.zero_mean:  # see models.Denoiser
+            noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
+        return noise
 
-    Each patch has its own mean subtracted: the background is speckle on a constant level,
-    and what DRGAN's noise discriminator compares it with is a residual x - clean(x).
-    """
+    def noise_scales(self, like):
+        """--noise_scale LO HI: one factor per image, uniform in [LO, HI], for the noise that P2P and C2P
+        re-add, so G also learns to remove quieter and stronger speckle than its training scans carry."""
+        low, high = self.args.noise_scale
+        if low == high == 1.0:
+            return 1.0
+        return torch.empty(len(like), 1, 1, 1, device=like.device).uniform_(low, high)
 
-    def __init__(self, images, size):
-        self.images, self.size = images, size
-        found = [np.column_stack([np.full(len(c), i), c]) for i, image in enumerate(images)
-                 if len(c := background_corners(image, size))]
-        if not found:
-            raise DataError(f"no signal-free background patch of --patch_size {size} above or below the retina "
-                            f"in the {len(images)} noisy training images; use a smaller --patch_size")
-        self.corners = np.concatenate(found)
+    def fuse(self, noisy_a, noisy_b, clean_c):
+        """The six clean estimates and the two stage-1 noises, with G called twice."""
+        noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b])).chunk(2)
+        clean_a1, clean_b1 = noisy_a - noise_a, noisy_b - noise_b
+        mixed_a, mixed_b = noise_a * self.noise_scales(noise_a), noise_b * self.noise_scales(noise_b)
+        stage2 = torch.cat([clean_a1 + mixed_b, clean_b1 + mixed_a, clean_c + mixed_a, clean_c + mixed_b])
+        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - self.noise(stage2)).chunk(4)
+        return [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2], (noise_a, noise_b)
 
-    def sample(self, count, generator):
-        picks = torch.randint(len(self.corners), (count,), generator=generator).tolist()
-        flips = torch.rand(count, generator=generator).tolist()
-        patches = []
-        for pick, flip in zip(picks, flips):
-            i, top, left = self.corners[pick]
-            patch = self.images[i][top:top + self.size, left:left + self.size]
-            patch = patch[:, ::-1] if flip < 0.5 else patch
-            patches.append(torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32)))
-        patches = torch.stack(patches)[:, None]
-        return patches - patches.mean(dim=(-2, -1), keepdim=True)
+    @staticmethod
+    def identity_loss(fakes, clean_c):
+        clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2 = fakes
+        return (F.l1_loss(clean_a1, clean_a2) + F.l1_loss(clean_b1, clean_b2)
+                + F.l1_loss(clean_c1, clean_c) + F.l1_loss(clean_c2, clean_c))
+
+    # -- one step ---------------------------------------------------------------------
+    def step(self, noisy_a, noisy_b, clean_c):
+        """One G update, then --n_critic D updates (G first, as published); floats for the log."""
+        fakes, stats = self.generator_step(noisy_a, noisy_b, clean_c)
+        stats["loss_d"] = self.discriminator_step(clean_c, fakes)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        return stats
+
+    def generator_loss(self, fakes, clean_c, noise_a, noise_b):
+        """(total, adversarial, identity): the six fakes' GAN term + lam x identity (+ the TV and repulsion terms)."""
+        args = self.args
+        with self.autocast(fakes.device):
+            # Sum over the six fakes of each one's mean loss = 6 x the mean over all of them.
+            adversarial = 6 * gan_loss(self.D(fakes).float(), True, args.gan)
+        identity = self.identity_loss(fakes.chunk(6), clean_c)
+        loss = adversarial + args.lam * identity
+        if args.sigma_tv:
+            loss = loss + args.sigma_tv * total_variation(fakes)
+        if args.sigma_rep:  # push N_A away from N_B: the trivial solution makes them equal
+            loss = loss + args.sigma_rep * (torch.exp(-F.l1_loss(noise_a, noise_b)) - 1)
+        return loss, adversarial, identity
+
+    def generator_step(self, noisy_a, noisy_b, clean_c):
+        self.train_mode()
+        # D's weights are constants here: skip their gradients (and DDP's sync of them).
+        self.D.requires_grad_(False)
+        with self.autocast(noisy_a.device):
+            fakes, (noise_a, noise_b) = self.fuse(noisy_a, noisy_b, clean_c)
+        fakes = torch.cat(fakes).float()
+        noise_a, noise_b = noise_a.float(), noise_b.float()
+        loss_g, adversarial, identity = self.generator_loss(fakes, clean_c, noise_a, noise_b)
+        self.update(loss_g, self.opt_g)
+        self.update_ema()
+        self.D.requires_grad_(True)
+        stats = {"loss_g": loss_g.item(), "adversarial": adversarial.item(), "identity": identity.item(),
+                 **collapse_stats(torch.cat([noise_a, noise_b]), torch.cat([noisy_a, noisy_b]))}
+        return fakes, stats
+
+    def discriminator_step(self, clean_c, fakes):
+        """C_C is the only real image. Fakes are detached, so nothing here reaches G."""
+        args = self.args
+        fakes = self.replay(fakes.detach())
+        for _ in range(args.n_critic):
+            with self.autocast(clean_c.device):
+                # Instance norm is per image, so one call on [real; fakes] equals separate calls.
+                scores = self.D_train(torch.cat([clean_c, fakes])).float()
+            loss_real = gan_loss(scores[:len(clean_c)], True, args.gan)
+            loss_fake = 6 * gan_loss(scores[len(clean_c):], False, args.gan)
+            loss_d = loss_real + self.d_fake_weight * loss_fake
+            self.update(loss_d, self.opt_d)
+            if args.gan == "wgan":
+                with torch.no_grad():
+                    for p in self.D.parameters():
+                        p.clamp_(-args.clip, args.clip)  # in place: the known reproduction's clamp() was a no-op
+        return loss_d.item()
+
+    def state_dict(self):
+        return {**super().state_dict(), "replay": list(self.replay.images)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.replay.images = list(state.get("replay", []))
 
 
 # ---------------------------------------------------------------- R2R's noise model
@@ -358,7 +357,7 @@ def estimate_noise_model(images, size=32, radius=3, max_patches=1000):
     """
     half = size // 2  # windows overlapping by half at most
     corners = [(i, top, left) for i, image in enumerate(images)
-               for top, left in background_corners(image, size) if top % half == 0 and left % half == 0]
+               for top, left in datasets.background_corners(image, size) if top % half == 0 and left % half == 0]
     if not corners:
         raise DataError(f"R2R: no signal-free background patch of {size} x {size} in the noisy training "
                         "images to measure the noise on")
@@ -382,115 +381,10 @@ def estimate_noise_model(images, size=32, radius=3, max_patches=1000):
     return sigma, torch.tensor(kernel, dtype=torch.float32)[None, None]
 
 
-# ---------------------------------------------------------------- shared machinery
-
-def _rank():
-    return int(os.environ.get("RANK", 0))
-
-
-def guard_stats(noise, inputs):
-    """The collapse guard's numbers for N >= 2 different inputs and their noise estimates,
-    and |spatial mean| of the estimates (zero for display-domain speckle), as TCFL logs them."""
-    with torch.no_grad():
-        return {"noise_mean": noise.mean(dim=(1, 2, 3)).abs().mean().item(),
-                "noise_distance": F.l1_loss(noise, noise.roll(1, 0)).item(),
-                "input_distance": F.l1_loss(inputs, inputs.roll(1, 0)).item(),
-                "noise_spread": noise.std(dim=0).mean().item()}
-
-
-def gan_loss(scores, real, kind):
-    if kind == "lsgan":
-        return F.mse_loss(scores, torch.full_like(scores, float(real)))
-    return F.binary_cross_entropy_with_logits(scores, torch.full_like(scores, float(real)))
-
-
-class MethodTrainer:
-    """What the alternative methods share: the inference module and its EMA copy, optimisers,
-    the cosine schedule, a private random generator (so a resumed run draws the same
-    recorruptions / masks / patches as an uninterrupted one) and the checkpoint layout."""
-
-    method = None
-
-    def __init__(self, model, args, discriminator=None):
-        self.model, self.args, self.D = model, args, discriminator  # model: the inference module
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
-        self.ema_updates = 0
-        self.rng = torch.Generator().manual_seed(args.seed * 1000 + _rank())
-        self.opt_g = torch.optim.Adam(self.trained_modules().parameters(), lr=args.lr_g, betas=(0.5, 0.999))
-        self.opt_d = None if discriminator is None else torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
-        self.schedulers = []
-
-    def trained_modules(self):
-        """Everything opt_g updates (DRGAN: more than the inference module)."""
-        return self.model
-
-    def train_mode(self):
-        self.trained_modules().train()
-        if self.args.frozen_bn:
-            freeze_batchnorm(self.trained_modules())
-
-    def autocast(self, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
-
-    def optimizers(self):
-        return [opt for opt in (self.opt_g, self.opt_d) if opt is not None]
-
-    def set_cosine_schedule(self, total_steps):
-        """Every learning rate follows a half cosine from its start value to 0 over the run."""
-        decay = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in self.optimizers()]
-
-    def update(self, loss, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def finish_step(self, stats):
-        self.update_ema()
-        for scheduler in self.schedulers:
-            scheduler.step()
-        return {"loss_d": 0.0, "adversarial": 0.0, **stats}
-
-    def update_ema(self):
-        if self.ema is not None:
-            self.ema_updates += 1
-            update_ema(self.ema, self.model, self.args.ema, self.ema_updates)
-
-    def inference_generator(self):
-        return self.ema if self.ema is not None else self.model
-
-    def state_dict(self):
-        return {
-            "generator": self.model.state_dict(),
-            "generator_ema": self.ema.state_dict() if self.ema is not None else None,
-            "ema_updates": self.ema_updates,
-            "discriminator": self.D.state_dict() if self.D is not None else {},
-            "trained": self.trained_modules().state_dict() if self.trained_modules() is not self.model else {},
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else {},
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "trainer_rng": self.rng.get_state(),
-        }
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["generator"])
-        if state.get("trained"):
-            self.trained_modules().load_state_dict(state["trained"])
-        if self.ema is not None and state.get("generator_ema") is not None:
-            self.ema.load_state_dict(state["generator_ema"])
-            self.ema_updates = state.get("ema_updates", 0)
-        if self.D is not None:
-            self.D.load_state_dict(state["discriminator"])
-            self.opt_d.load_state_dict(state["opt_d"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        for scheduler, saved in zip(self.schedulers, state.get("schedulers", [])):
-            scheduler.load_state_dict(saved)
-        if "trainer_rng" in state:
-            self.rng.set_state(state["trainer_rng"])
-
 
 # ---------------------------------------------------------------- R2R
 
-class R2RTrainer(MethodTrainer):
+class R2RTrainer(Trainer):
     """Recorrupted-to-recorrupted (Pang et al., CVPR 2021), self-supervised on noisy images only:
 
         loss = | f(y + alpha z) - (y - z / alpha) |^2,  f(v) = v - G(v),  z ~ N(0, Sigma_n),
@@ -510,17 +404,17 @@ class R2RTrainer(MethodTrainer):
     is why sigma comes from upper quantiles, not the std.
     """
 
-    method = "r2r"
+    reads = frozenset({"r2r_alpha", "r2r_passes", "backbone"})
 
-    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
+    def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module):
         if noisy_images is None:
             raise ValueError("R2RTrainer needs the noisy training images to measure the noise on")
-        device = next(generator.parameters()).device
+        generator = models.build_generator(args.backbone).to(device)
         model = models.R2RDenoiser(generator, alpha=args.r2r_alpha, passes=args.r2r_passes, seed=args.seed).to(device)
         sigma, kernel = estimate_noise_model(noisy_images)
         model.sigma.fill_(sigma)
         model.kernel.copy_(kernel.to(model.kernel.device))
-        super().__init__(model, args)
+        super().__init__(args, model)
         self.G_train = wrap(generator)
 
     def step(self, noisy_a, noisy_b, clean_c):
@@ -532,7 +426,7 @@ class R2RTrainer(MethodTrainer):
             noise = self.G_train(source).float()
         loss = F.mse_loss(source - noise, target)
         self.update(loss, self.opt_g)
-        return self.finish_step({"loss_g": loss.item(), "identity": loss.item(), **guard_stats(noise.detach(), source)})
+        return self.finish_step({"loss_g": loss.item(), "identity": loss.item(), **collapse_stats(noise, source)})
 
 
 # ---------------------------------------------------------------- Neighbor2Neighbor
@@ -555,7 +449,7 @@ def subsample(images, positions):
     return cells.gather(1, positions.to(images.device)[:, None].expand(n, c, -1, -1))
 
 
-class N2NTrainer(MethodTrainer):
+class N2NTrainer(Trainer):
     """Neighbor2Neighbor (Huang et al., CVPR 2021), self-supervised on noisy images only:
     a random neighbour sub-sampler (g1, g2) splits y into two half-size images of the same
     scene with independent noise, f(v) = v - G(v), and
@@ -568,12 +462,13 @@ class N2NTrainer(MethodTrainer):
     the Duke scans is ~0.09 axially and ~0 laterally, on the synthetic set 0.6 laterally.
     """
 
-    method = "n2n"
+    reads = frozenset({"n2n_gamma", "backbone"})
 
-    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
+    def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module):
         if args.patch_size % 2:
             raise DataError(f"--method n2n halves the crops: --patch_size must be even, got {args.patch_size}")
-        super().__init__(generator, args)
+        generator = models.build_generator(args.backbone).to(device)
+        super().__init__(args, generator)
         self.G_train = wrap(generator)
         world = int(os.environ.get("WORLD_SIZE", 1))
         self.total_steps = max(1, args.niter * (args.epoch_size // (args.batch_size * world)))
@@ -595,7 +490,7 @@ class N2NTrainer(MethodTrainer):
         gamma = self.args.n2n_gamma * min(1.0, self.steps / self.total_steps)
         loss = reconstruction + gamma * regulariser
         self.update(loss, self.opt_g)
-        return self.finish_step({"loss_g": loss.item(), "identity": reconstruction.item(), **guard_stats(noise.detach(), sub1)})
+        return self.finish_step({"loss_g": loss.item(), "identity": reconstruction.item(), **collapse_stats(noise, sub1)})
 
     def state_dict(self):
         return {**super().state_dict(), "n2n_steps": self.steps}
@@ -605,58 +500,20 @@ class N2NTrainer(MethodTrainer):
         self.steps = state.get("n2n_steps", 0)
 
 
+def _check_gan(args, method):
+    if args.gan not in ("lsgan", "vanilla"):
+        raise DataError(f"--method {method} supports --gan lsgan or vanilla, not {args.gan}")
+
+
+def _guard_pair(estimate, noisy, noisy_other, model):
+    """The collapse guard needs two different inputs: with a batch of one, add the other noisy crop."""
+    if len(noisy) > 1:
+        return estimate, noisy
+    with torch.no_grad():
+        return torch.cat([estimate, model(noisy_other)]), torch.cat([noisy, noisy_other])
+
+
 # ---------------------------------------------------------------- CNCL (paired)
-
-class PairedCropDataset(datasets.TripletDataset):
-    """(noisy_i, noisy_j, clean_i): a registered noisy/clean pair cropped at the same place
-    (same left-right flip) and, as TCFL's I_B, a crop of another pair's noisy image (used by
-    the collapse guard only). Reproducible from (seed, epoch, index) like TripletDataset."""
-
-    def __init__(self, pairs, patch_size, length, seed=0):
-        if not pairs:
-            raise DataError("--method cncl: no registered noisy/clean training pairs")
-        for noisy, clean in pairs:
-            if noisy.shape != clean.shape:
-                raise DataError(f"--method cncl: a training pair's noisy {noisy.shape} and clean {clean.shape} sizes differ")
-            if min(noisy.shape) < patch_size:
-                raise DataError(f"--method cncl: training pair of size {noisy.shape[0]}x{noisy.shape[1]} "
-                                f"is smaller than --patch_size {patch_size}")
-        self.pairs, self.patch_size, self.length, self.seed, self.epoch = pairs, patch_size, length, seed, 0
-
-    def __getitem__(self, index):
-        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        i = rng.randrange(len(self.pairs))
-        j = rng.choice([k for k in range(len(self.pairs)) if k != i] or [i])
-        noisy, clean = self.pairs[i]
-        size = self.patch_size
-        top, left = rng.randrange(noisy.shape[0] - size + 1), rng.randrange(noisy.shape[1] - size + 1)
-        crops = [noisy[top:top + size, left:left + size], clean[top:top + size, left:left + size]]
-        if rng.random() < 0.5:  # left-right only: up-down would put the vitreous below the retina
-            crops = [crop[:, ::-1] for crop in crops]
-        other = self.pairs[j][0]
-        top, left = rng.randrange(other.shape[0] - size + 1), rng.randrange(other.shape[1] - size + 1)
-        crops.insert(1, other[top:top + size, left:left + size])
-        return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None] for crop in crops)
-
-
-def paired_training_data(dataset, root, split, val_samples, seed=0, n_synthetic=64, synthetic_size=256):
-    """Registered (noisy, clean) training pairs for CNCL: duke28's test.tif + average.tif of the
-    training subjects, minus the validation subjects held back and any test subject; for the
-    synthetic set, fresh noisy_clean_pair phantoms (none shared with its test or validation sets)."""
-    if dataset == "synthetic":
-        # Integer seeds: SyntheticOCT's own images use (seed, split, index) tuples, a different stream.
-        return [synthetic.noisy_clean_pair(10**6 * (seed + 1) + i, synthetic_size, synthetic_size) for i in range(n_synthetic)]
-    if dataset != "duke28":
-        raise DataError(f"--method cncl trains on registered noisy/clean pairs; --dataset {dataset} is unpaired "
-                        "(use duke28, whose test.tif/average.tif are registered, or synthetic)")
-    held_back = {sample.id for sample in val_samples}
-    test_ids = set((datasets._read_splits(Path(root)) or {}).get("test", []))
-    pairs = [(s.noisy, s.clean) for s in datasets.load_pairs("duke28", root, split) if s.id not in held_back | test_ids]
-    if not pairs:
-        raise DataError(f"{root}: split '{split}' leaves no training subject for --method cncl after holding back "
-                        f"{len(held_back)} for validation")
-    return pairs
-
 
 class Branches(nn.Module):
     """CNCLNet.branches as a forward: DDP synchronises the gradients of forward() calls only."""
@@ -669,7 +526,7 @@ class Branches(nn.Module):
         return self.net.branches(x)
 
 
-class CNCLTrainer(MethodTrainer):
+class CNCLTrainer(Trainer):
     """Content-noise complementary learning (Geng et al., TMI 2022), supervised by registered pairs
     (x noisy, y clean): a content branch C (x -> y) and a noise branch N (x -> x - y), both
     --backbone nets (two UNets in the paper), fused by a 1x1 conv F of [C(x), x - N(x)]; a
@@ -682,46 +539,43 @@ class CNCLTrainer(MethodTrainer):
     its own target. lr: --lr_g/--lr_d (2e-4, ten times the paper's 2e-5, for short runs).
     """
 
-    method = "cncl"
+    data = "pairs"
+    reads = frozenset({"gan", "lr_d", "backbone"})
     l1_weight = 100.0
 
-    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
-        if args.gan not in ("lsgan", "vanilla"):
-            raise DataError(f"--method cncl supports --gan lsgan or vanilla, not {args.gan}")
-        device = next(generator.parameters()).device
+    def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module):
+        _check_gan(args, "cncl")
         model, D = models.CNCLNet(args.backbone).to(device), models.ConditionalPatchGAN().to(device)
-        if args.sync_bn and torch.distributed.is_initialized():  # built here, so train.py could not convert it
+        if args.sync_bn and torch.distributed.is_initialized():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         D.apply(models.init_weights)
-        super().__init__(model, args, D)
+        super().__init__(args, model, discriminator=D)
         self.branches_train, self.D_train = wrap(Branches(model)), wrap(D)
 
     def step(self, noisy, noisy_other, clean):
         self.train_mode()
+        kind = self.args.gan
         with self.autocast(noisy.device):
             content, noise, fused = (t.float() for t in self.branches_train(noisy))
         self.D.requires_grad_(False)
         with self.autocast(noisy.device):
-            adversarial = gan_loss(self.D(torch.cat([noisy, fused], dim=1)).float(), True, self.args.gan)
+            adversarial = gan_loss(self.D(torch.cat([noisy, fused], dim=1)).float(), True, kind)
         identity = F.l1_loss(content, clean) + F.l1_loss(noise, noisy - clean) + F.l1_loss(fused, clean)
         loss_g = adversarial + self.l1_weight * identity
         self.update(loss_g, self.opt_g)
         self.D.requires_grad_(True)
         with self.autocast(noisy.device):
             scores = self.D_train(torch.cat([torch.cat([noisy, clean], 1), torch.cat([noisy, fused.detach()], 1)])).float()
-        loss_d = 0.5 * (gan_loss(scores[:len(noisy)], True, self.args.gan) + gan_loss(scores[len(noisy):], False, self.args.gan))
+        loss_d = 0.5 * (gan_loss(scores[:len(noisy)], True, kind) + gan_loss(scores[len(noisy):], False, kind))
         self.update(loss_d, self.opt_d)
-        estimate = (noisy - fused).detach()
-        if len(noisy) == 1:  # the guard needs two different inputs
-            with torch.no_grad():
-                estimate, noisy = torch.cat([estimate, self.model(noisy_other)]), torch.cat([noisy, noisy_other])
+        estimate, inputs = _guard_pair((noisy - fused).detach(), noisy, noisy_other, self.model)
         return self.finish_step({"loss_g": loss_g.item(), "loss_d": loss_d.item(), "adversarial": adversarial.item(),
-                                 "identity": identity.item(), **guard_stats(estimate, noisy)})
+                                 "identity": identity.item(), **collapse_stats(estimate, inputs)})
 
 
 # ---------------------------------------------------------------- DRGAN
 
-class DRGANTrainer(MethodTrainer):
+class DRGANTrainer(Trainer):
     """Disentangled-representation GAN for unpaired OCT (Huang et al., TMI 2021, "noise-powered
     disentangled representation"). X noisy, Y an unrelated clean image, P pure-noise patches
     (see models.DRGAN for the encoders/decoders and the six images of a step):
@@ -736,61 +590,54 @@ class DRGANTrainer(MethodTrainer):
     --backbone does not apply: DRGAN has its own encoders and decoders.
     """
 
-    method = "drgan"
+    reads = frozenset({"gan", "lr_d"})
     cycle_weight, recon_weight, noise_weight = 10.0, 10.0, 1.0
 
-    def __init__(self, generator, discriminator, args, wrap=lambda module: module, noisy_images=None):
+    def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module):
         if noisy_images is None:
             raise ValueError("DRGANTrainer needs the noisy training images to cut noise patches from")
-        if args.gan not in ("lsgan", "vanilla"):
-            raise DataError(f"--method drgan supports --gan lsgan or vanilla, not {args.gan}")
+        _check_gan(args, "drgan")
         if args.patch_size % 4:
             raise DataError(f"--method drgan downsamples by 4: --patch_size must be a multiple of 4, got {args.patch_size}")
-        if _rank() == 0:
-            print(f"note: --method drgan has its own encoders and decoders; --backbone {args.backbone} is not used")
-        self.noise_patches = NoisePatches(noisy_images, args.patch_size)
-        device = next(generator.parameters()).device
-        self.networks = models.DRGAN().to(device)
+        self.noise_patches = datasets.NoisePatches(noisy_images, args.patch_size)
+        networks = models.DRGAN().to(device)
         D = models.Discriminators(["clean", "noisy", "noise"]).to(device)
-        super().__init__(self.networks.denoiser, args, D)
-        self.networks_train, self.D_train = wrap(self.networks), wrap(D)
+        super().__init__(args, networks.denoiser, trained=networks, discriminator=D)
+        self.networks_train, self.D_train = wrap(networks), wrap(D)
 
-    def trained_modules(self):
-        return self.networks
+    def discriminator_loss(self, batches):
+        """All three Ds in one call through the (DDP-wrapped) container; each: ([real; fake]) -> (real + fake) / 2."""
+        with self.autocast(next(iter(batches.values()))[0].device):
+            scores = self.D_train({name: torch.cat([real, fake.detach()]) for name, (real, fake) in batches.items()})
+        loss = 0.0
+        for name, (real, _) in batches.items():
+            s = scores[name].float()
+            loss = loss + 0.5 * (gan_loss(s[:len(real)], True, self.args.gan) + gan_loss(s[len(real):], False, self.args.gan))
+        return loss
 
     def step(self, noisy, noisy_other, clean):
         self.train_mode()
         kind = self.args.gan
-        gan = lambda name, images, real: gan_loss(self.D[name](images).float(), real, kind)
+        gan = lambda name, images: gan_loss(self.D[name](images).float(), True, kind)
         patches = self.noise_patches.sample(len(noisy), self.rng).to(noisy.device)
         with self.autocast(noisy.device):
             out = {k: v.float() for k, v in self.networks_train(noisy, clean).items()}
         residual_x, residual_y = noisy - out["clean_x"], out["noisy_y"] - clean
         self.D.requires_grad_(False)
         with self.autocast(noisy.device):
-            adversarial = gan("clean", out["clean_x"], True) + gan("noisy", out["noisy_y"], True)
-            noise_gan = 2 * gan("noise", torch.cat([residual_x, residual_y]), True)  # the sum of the two terms
+            adversarial = gan("clean", out["clean_x"]) + gan("noisy", out["noisy_y"])
+            noise_gan = 2 * gan("noise", torch.cat([residual_x, residual_y]))  # the sum of the two terms
         cycle = F.l1_loss(out["cycle_x"], noisy) + F.l1_loss(out["cycle_y"], clean)
         recon = F.l1_loss(out["recon_x"], noisy) + F.l1_loss(out["recon_y"], clean)
         loss_g = adversarial + self.cycle_weight * cycle + self.recon_weight * recon + self.noise_weight * noise_gan
         self.update(loss_g, self.opt_g)
         self.D.requires_grad_(True)
-        # All three Ds in one call through the (DDP-wrapped) container; each sees [real; fake].
-        batches = {"clean": (clean, out["clean_x"]), "noisy": (noisy, out["noisy_y"]),
-                   "noise": (patches, torch.cat([residual_x, residual_y]))}
-        with self.autocast(noisy.device):
-            scores = self.D_train({name: torch.cat([real, fake.detach()]) for name, (real, fake) in batches.items()})
-        loss_d = 0.0
-        for name, (real, _) in batches.items():
-            s = scores[name].float()
-            loss_d = loss_d + 0.5 * (gan_loss(s[:len(real)], True, kind) + gan_loss(s[len(real):], False, kind))
+        loss_d = self.discriminator_loss({"clean": (clean, out["clean_x"]), "noisy": (noisy, out["noisy_y"]),
+                                          "noise": (patches, torch.cat([residual_x, residual_y]))})
         self.update(loss_d, self.opt_d)
-        estimate = residual_x.detach()
-        if len(noisy) == 1:
-            with torch.no_grad():
-                estimate, noisy = torch.cat([estimate, self.model(noisy_other)]), torch.cat([noisy, noisy_other])
+        estimate, inputs = _guard_pair(residual_x.detach(), noisy, noisy_other, self.model)
         return self.finish_step({"loss_g": loss_g.item(), "loss_d": loss_d.item(), "adversarial": (adversarial + noise_gan).item(),
-                                 "identity": (cycle + recon).item(), **guard_stats(estimate, noisy)})
+                                 "identity": (cycle + recon).item(), **collapse_stats(estimate, inputs)})
 
 
-TRAINERS.update({"r2r": R2RTrainer, "n2n": N2NTrainer, "cncl": CNCLTrainer, "drgan": DRGANTrainer})
+TRAINERS = {"tcfl": TCFLTrainer, "r2r": R2RTrainer, "n2n": N2NTrainer, "cncl": CNCLTrainer, "drgan": DRGANTrainer}

@@ -1,8 +1,13 @@
-"""Small shared helpers."""
+"""Small shared helpers: the error type, image quality metrics, lateral binning, the device."""
 
 import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
+
+
+class DataError(Exception):
+    """Bad user input: the scripts print it as one line and exit."""
+
 
 # ---- image quality metrics ----
 #
@@ -183,3 +188,11 @@ def at_lateral_scale(fn, image, factor):
         return fn(image).astype(np.float32)
     height, width = image.shape
     return cv2.resize(fn(bin_laterally(image, factor)).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def resolve_device(name):
+    """--device auto | cpu | cuda -> torch.device; cuda asked for but absent is one clear error."""
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

@@ -20,6 +20,7 @@ from common import SHARED_DATA, save
 
 import evaluate
 import models
+import scoring
 import trainers
 from utils import psnr, ssim
 
@@ -37,10 +38,12 @@ def main(argv=None):
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.8, 1.2], help="Gaussian blur sigmas (px)")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)
-    samples = scoring.load_scoring_pairs(argparse.Namespace(dataset=args.dataset, data_root=args.data_root, split="val"))
-    generator, _ = evaluate.load_generator(args.ckpt)
-    evaluate.set_lateral_bin(generator, args.lateral_bin)
-    outputs = [models.denoise_array(generator, s.noisy) for s in samples]
+    denoiser, state = models.load_checkpoint(args.ckpt)
+    samples = scoring.load_scoring_pairs(argparse.Namespace(dataset=args.dataset, data_root=args.data_root, split="val"),
+                                         state.get("args"))
+    if args.lateral_bin is not None:
+        denoiser = models.Denoiser(denoiser.net, lateral_bin=args.lateral_bin, zero_mean=denoiser.zero_mean)
+    outputs = [denoiser(s.noisy) for s in samples]
     rows = []
     for sigma in [0.0, *args.sigmas]:
         blurred = [cv2.GaussianBlur(o, (0, 0), sigma) if sigma else o for o in outputs]

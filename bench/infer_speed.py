@@ -19,9 +19,8 @@ import torch
 from common import SHARED_DATA, ROOT, bf16_is_native, bf16_probe, machine, save, timeit
 
 import datasets
-import evaluate
 import models
-from utils import psnr
+from utils import psnr, resolve_device
 
 VARIANTS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
             "channels_last+bf16": {"channels_last": True, "bf16": True}}
@@ -44,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--crop", type=int, nargs=2, default=[64, 128], help="PSNR region where bf16 is emulated")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)
-    device = evaluate.resolve_device(args.device)
+    device = resolve_device(args.device)
     info = machine()
     repeats = 2 if args.quick else 3
     emulated = not bf16_is_native(device) and not args.force_bf16
@@ -68,11 +67,11 @@ def main(argv=None):
 
     shipped = None
     if Path(args.ckpt).is_file():
-        generator, _ = evaluate.load_generator(args.ckpt, device)
+        denoiser, _ = models.load_checkpoint(args.ckpt, device)
         bscan = np.random.default_rng(0).random((args.height, args.width), dtype=np.float32)
-        seconds = timeit(lambda: models.denoise_array(generator, bscan, device), repeats, device=device.type)
-        shipped = {"checkpoint": Path(args.ckpt).name, "lateral_bin": generator.lateral_bin, "seconds_per_bscan": seconds}
-        print(f"shipped checkpoint end to end (models.denoise_array, lateral_bin {generator.lateral_bin}, "
+        seconds = timeit(lambda: denoiser(bscan), repeats, device=device.type)
+        shipped = {"checkpoint": Path(args.ckpt).name, "lateral_bin": denoiser.lateral_bin, "seconds_per_bscan": seconds}
+        print(f"shipped checkpoint end to end (models.Denoiser, lateral_bin {denoiser.lateral_bin}, "
               f"channels_last on CPU): {seconds:.3f} s per {args.height} x {args.width} B-scan")
 
     precision, psnr_region = None, None
@@ -80,7 +79,7 @@ def main(argv=None):
     if not data.is_dir() or not Path(args.ckpt).is_file():
         print(f"skipping the PSNR comparison: needs {data} and {args.ckpt}")
     else:
-        generator, _ = evaluate.load_generator(args.ckpt, device)
+        denoiser, _ = models.load_checkpoint(args.ckpt, device)
         samples = datasets.load_pairs("duke28", data, "test")[: 2 if args.quick else None]
         region = (slice(None), slice(None))
         if emulated:
@@ -92,11 +91,12 @@ def main(argv=None):
         precision = {}
         for name, switches in VARIANTS.items():
             layout = torch.channels_last if switches.get("channels_last") else torch.contiguous_format
-            model = generator.to(memory_format=layout)
+            # as evaluate.py denoises (the checkpoint's lateral binning); a 1-channel input is channels_last already
+            variant = models.Denoiser(denoiser.net.to(memory_format=layout), denoiser.lateral_bin, denoiser.zero_mean,
+                                      tile=4096, bf16=switches.get("bf16", False))
             scores = []
             for sample in samples:
-                # as evaluate.py denoises (the checkpoint's lateral binning); a 1-channel input is channels_last already
-                out = models.denoise_array(model, sample.noisy[region], device, bf16=switches.get("bf16", False), tile=4096)
+                out = variant(sample.noisy[region])
                 scores.append(psnr(sample.clean[region], out))
             precision[name] = float(np.mean(scores))
         base = precision["fp32"]

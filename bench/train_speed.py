@@ -23,18 +23,19 @@ import trainers
 def naive_step(trainer, a, b, c):
     """The data flow written the obvious way: one G call per estimate, one D call per image,
     and D's weight gradients computed (then discarded) in the generator's backward pass."""
-    G, D, args = trainer.G, trainer.D, trainer.args
+    G, D, args = trainer.model, trainer.D, trainer.args
+    gan = lambda scores, real: trainers.gan_loss(scores, real, args.gan)
     G.train()
     n_a, n_b = G(a), G(b)
     c_a1, c_b1 = a - n_a, b - n_b
     i_a2, i_b2, i_c1, i_c2 = c_a1 + n_b, c_b1 + n_a, c + n_a, c + n_b
     fakes = [c_a1, c_b1, i_a2 - G(i_a2), i_b2 - G(i_b2), i_c1 - G(i_c1), i_c2 - G(i_c2)]
-    adversarial = sum(trainer.gan_loss(D(f), real=True) for f in fakes)
+    adversarial = sum(gan(D(f), True) for f in fakes)
     loss_g = adversarial + args.lam * trainer.identity_loss(fakes, c)
     trainer.opt_g.zero_grad()
     loss_g.backward()
     trainer.opt_g.step()
-    loss_d = trainer.gan_loss(D(c), real=True) + 0.1 * sum(trainer.gan_loss(D(f.detach()), real=False) for f in fakes)
+    loss_d = gan(D(c), True) + 0.1 * sum(gan(D(f.detach()), False) for f in fakes)
     trainer.opt_d.zero_grad()
     loss_d.backward()
     trainer.opt_d.step()
@@ -109,7 +110,7 @@ def main(argv=None):
             if switches.get("channels_last"):
                 G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
                 x = tuple(t.contiguous(memory_format=torch.channels_last) for t in x)
-            trainer = trainers.TCFLTrainer(G, D, opts)
+            trainer = trainers.TCFLTrainer(opts, device, generator=G, discriminator=D)
             step = (lambda: naive_step(trainer, *x)) if name == "naive" else (lambda: trainer.step(*x))
             seconds = timeit(step, repeats, device=device.type)
             if name == "batched" and batch == batches[0]:

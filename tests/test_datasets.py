@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
-from datasets import DataError  # noqa: E402
+from utils import DataError  # noqa: E402
 
 H, W = 16, 24
 REAL_DUKE28 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_bioptigen"
@@ -447,21 +447,11 @@ def test_duke28_unpaired_errors(tmp_path):
     assert len(noisy) == 4 * 5 and len(clean) == 4 and [s.id for s in val] == ["5", "6"]
 
 
-def test_folder_layout(tmp_path):
-    tifffile.imwrite(tmp_path / "b.tif", image(1, np.uint16))
-    cv2.imwrite(str(tmp_path / "a.png"), image(2))
-    samples = datasets.load_folder(tmp_path)
-    assert [(s.id, s.bit_depth, s.clean) for s in samples] == [("a", 8, None), ("b", 16, None)]
-    assert samples[0].path == str(tmp_path / "a.png") and samples[0].noisy.shape == (H, W)
-    with raises(tmp_path / "missing", "not found"):
-        datasets.load_folder(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    with raises(tmp_path / "empty", "no .tif"):
-        datasets.load_folder(tmp_path / "empty")
+def test_pairs_and_unpaired_data_each_need_the_right_layout(tmp_path):
     with pytest.raises(DataError, match="no registered references"):
-        datasets.load_pairs("folder", tmp_path)
+        datasets.load_pairs("pku37", tmp_path)
     with pytest.raises(DataError, match="not an unpaired training set"):
-        datasets.load_unpaired("folder", tmp_path)
+        datasets.load_unpaired("duke17", tmp_path)
 
 
 def test_dataset_name_and_root_errors(tmp_path):
@@ -473,7 +463,7 @@ def test_dataset_name_and_root_errors(tmp_path):
         datasets.load_pairs("duke28", None, "test")
     with raises(tmp_path / "missing", "not found"):
         datasets.load_pairs("duke28", tmp_path / "missing", "test")
-    assert set(datasets.DATASETS) == {"synthetic", "pku37", "duke17", "duke28", "folder"}
+    assert set(datasets.DATASETS) == {"synthetic", "pku37", "duke17", "duke28"}
 
 
 def test_synthetic_is_built_in():

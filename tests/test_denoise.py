@@ -13,7 +13,7 @@ import datasets  # noqa: E402
 import denoise  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
-from datasets import DataError  # noqa: E402
+from utils import DataError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DUKE = ROOT.parent / "shared" / "data" / "duke_bioptigen"
@@ -59,8 +59,7 @@ def test_stack_stays_a_stack(tmp_path, ckpt):
     assert run([src], tmp_path / "out", ckpt) == 0
     out = tifffile.imread(tmp_path / "out" / "volume.tif")
     assert out.shape == (3, 32, 48) and out.dtype == np.uint16
-    generator, _ = evaluate.load_generator(ckpt)
-    second = models.denoise_array(generator, stack[1].astype(np.float32) / 65535)
+    second = models.load_checkpoint(ckpt)[0](stack[1].astype(np.float32) / 65535)
     assert np.abs(out[1] / 65535 - second).max() <= 1 / 65535  # each page denoised on its own
 
 
@@ -93,11 +92,11 @@ def test_refuses_to_overwrite_and_to_write_next_to_inputs(tmp_path, ckpt):
 
 def test_tiled_equals_untiled_through_denoise(tmp_path, ckpt):
     image = speckle((70, 90)).astype(np.float32)
-    generator, _ = evaluate.load_generator(ckpt)
+    net = models.load_checkpoint(ckpt)[0].net
     with torch.no_grad():  # strong outputs so the comparison means something
-        generator.body[-1].weight.mul_(1e5)
-    whole = models.denoise_array(generator, image, tile=1024)
-    tiled = models.denoise_array(generator, image, tile=32)
+        net.body[-1].weight.mul_(1e5)
+    whole = models.Denoiser(net, tile=1024)(image)
+    tiled = models.Denoiser(net, tile=32)(image)
     assert np.abs(whole - image).max() > 1e-2 and np.abs(whole - tiled).max() < 1e-4
 
 
@@ -126,10 +125,11 @@ def test_a_checkpoint_trained_binned_denoises_binned_unless_told_otherwise(tmp_p
     tifffile.imwrite(tmp_path / "in" / "scan.tif", (image * 255).astype(np.uint8))
     assert run([tmp_path / "in"], tmp_path / "a", binned_ckpt) == 0
     assert run([tmp_path / "in"], tmp_path / "b", binned_ckpt, "--lateral_bin", "1") == 0
-    generator, _ = evaluate.load_generator(binned_ckpt)
+    denoiser, _ = models.load_checkpoint(binned_ckpt)
     noisy, _ = datasets.read_image(tmp_path / "in" / "scan.tif")
     from utils import at_lateral_scale
-    expected = np.clip(at_lateral_scale(lambda x: models.denoise_array(generator, x, lateral_bin=1), noisy, 2), 0, 1)
+    unbinned = models.Denoiser(denoiser.net, lateral_bin=1, zero_mean=denoiser.zero_mean)
+    expected = np.clip(at_lateral_scale(unbinned, noisy, 2), 0, 1)
     binned, _ = datasets.read_image(tmp_path / "a" / "scan.tif")
     full, _ = datasets.read_image(tmp_path / "b" / "scan.tif")
     assert np.abs(binned - expected).max() <= 1 / 255 + 1e-6

@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 import trainers  # noqa: E402
-from datasets import DataError, Sample  # noqa: E402
+from datasets import Sample  # noqa: E402
+from utils import DataError  # noqa: E402
 
 METHODS = ["r2r", "n2n", "cncl", "drgan"]
 
@@ -119,7 +121,7 @@ def test_subsampler_picks_two_distinct_4_neighbours_of_each_cell():
 
 def test_n2n_regulariser_weight_ramps_to_gamma():
     args = trainer_args("--method", "n2n", "--niter", "2", "--epoch_size", "8", "--batch_size", "2", "--n2n_gamma", "3")
-    trainer = trainers.N2NTrainer(models.build_generator("dncnn"), None, args)
+    trainer = trainers.N2NTrainer(args)
     assert trainer.total_steps == 8
     batch = [torch.rand(2, 1, 16, 16) for _ in range(3)]
     for _ in range(2):
@@ -133,7 +135,7 @@ def test_noise_patches_come_from_background_only():
     rng = np.random.default_rng(0)
     image = rng.uniform(0.1, 0.4, (120, 90)).astype(np.float32)  # speckle-like background
     image[50:70] += 0.5  # a bright retina band
-    corners = trainers.background_corners(image, 16, margin=8)
+    corners = datasets.background_corners(image, 16, margin=8)
     assert len(corners) > 0
     tops = corners[:, 0]
     assert np.all((tops + 16 <= 50 - 8) | (tops >= 70 + 8))  # never on or next to the band
@@ -142,7 +144,7 @@ def test_noise_patches_come_from_background_only():
 
 def test_noise_patches_of_synthetic_scans_hold_no_retina():
     pairs = [synthetic.noisy_clean_pair(seed) for seed in range(3)]
-    patches = trainers.NoisePatches([noisy for noisy, _ in pairs], 32)
+    patches = datasets.NoisePatches([noisy for noisy, _ in pairs], 32)
     for i, top, left in patches.corners[::97]:
         clean = pairs[i][1][top:top + 32, left:left + 32]
         assert clean.std() < 0.03 and clean.max() < 0.35  # flat and dark: background, no layers
@@ -152,7 +154,7 @@ def test_noise_patches_of_synthetic_scans_hold_no_retina():
 
 def test_no_background_is_one_clear_error():
     with pytest.raises(DataError, match="no signal-free background patch of --patch_size 64"):
-        trainers.NoisePatches([np.full((60, 200), 0.5, np.float32)], 64)
+        datasets.NoisePatches([np.full((60, 200), 0.5, np.float32)], 64)
 
 
 # ------------------------------------------------------------------ CNCL
@@ -181,11 +183,11 @@ def write_duke28(root, ids=range(1, 6), train_ids=(1, 2, 3, 4), test_ids=(5,)):
 def test_cncl_pairs_are_training_subjects_minus_validation_and_test(tmp_path):
     write_duke28(tmp_path)
     val = [Sample("4", np.zeros((40, 48), np.float32))]
-    pairs = trainers.paired_training_data("duke28", tmp_path, "train", val)
+    pairs = datasets.paired_training_data("duke28", tmp_path, "train", val)
     assert sorted(round(float(noisy.min()) * 255 / 20) for noisy, _ in pairs) == [1, 2, 3]
-    pairs = trainers.paired_training_data("duke28", tmp_path, "all", val)  # test subjects never, even for 'all'
+    pairs = datasets.paired_training_data("duke28", tmp_path, "all", val)  # test subjects never, even for 'all'
     assert sorted(round(float(noisy.min()) * 255 / 20) for noisy, _ in pairs) == [1, 2, 3]
-    dataset = trainers.PairedCropDataset(pairs, 16, 20, seed=0)
+    dataset = datasets.PairedCropDataset(pairs, 16, 20, seed=0)
     for k in range(20):
         noisy, other, clean = dataset[k]
         torch.testing.assert_close(clean, torch.div(torch.round(noisy * 255), 2, rounding_mode="floor") / 255)  # same place, same flip
@@ -204,13 +206,13 @@ def test_cncl_refuses_unpaired_dataset(tmp_path):
 
 # ------------------------------------------------------------------ train.py + evaluate.py
 
-TINY = ["--patch_size", "32", "--batch_size", "2", "--epoch_size", "4", "--log_every", "1", "--n_val", "1",
-        "--r2r_passes", "2"]
+TINY = ["--patch_size", "32", "--batch_size", "2", "--epoch_size", "4", "--log_every", "1", "--n_val", "1"]
+OWN = {"r2r": ["--r2r_passes", "2"], "n2n": [], "cncl": [], "drgan": []}  # each method's own options
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_train_two_steps_then_evaluate(tmp_path, method):
-    train.main(["--method", method, *TINY, "--niter", "1", "--ckpt_dir", str(tmp_path / "ckpt"), "--img_dir", str(tmp_path / "img")])
+    train.main(["--method", method, *TINY, *OWN[method], "--niter", "1", "--ckpt_dir", str(tmp_path / "ckpt"), "--img_dir", str(tmp_path / "img")])
     state = torch.load(tmp_path / "ckpt" / "epoch_1.pth", weights_only=True)
     assert state["step"] == 2 and state["method"] == method and state["backbone"] == "dncnn"
     assert not any(k.startswith("module.") for k in state["generator"])
@@ -218,7 +220,7 @@ def test_train_two_steps_then_evaluate(tmp_path, method):
     with open(tmp_path / "ckpt" / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(value not in ("", "nan") for value in rows[-1].values())  # every column filled
-    generator, _ = evaluate.load_generator(tmp_path / "ckpt" / "epoch_1.pth")
+    generator = models.load_checkpoint(tmp_path / "ckpt" / "epoch_1.pth")[0].net
     expected = {"r2r": models.R2RDenoiser, "n2n": models.DnCNN, "cncl": models.CNCLNet, "drgan": models.DRGANDenoiser}
     assert isinstance(generator, expected[method])
     summary = evaluate.main(["--epoch", "1", "--ckpt_dir", str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "ev")])
@@ -240,4 +242,4 @@ def test_unknown_method_in_checkpoint_is_one_clear_error(tmp_path):
     path = tmp_path / "g.pth"
     torch.save({"generator": {}, "backbone": "dncnn", "method": "noise2void"}, path)
     with pytest.raises(DataError, match="unknown training method 'noise2void'"):
-        evaluate.load_generator(path)
+        models.load_checkpoint(path)

@@ -52,7 +52,7 @@ def test_ensemble_of_identity_noise_is_exact():
             return torch.zeros_like(x)
     image = torch.rand(20, 30).numpy()
     for ensemble in models.ENSEMBLES:
-        out = models.denoise_array(Zero(), image, ensemble=ensemble)
+        out = models.Denoiser(Zero(), ensemble=ensemble)(image)
         assert out.shape == image.shape and abs(out - image).max() < 1e-6
 
 
@@ -65,8 +65,8 @@ def test_lr_ensemble_keeps_the_bscan_upright():
             seen.append(x[0, 0].clone())
             return torch.zeros_like(x)
     image = torch.rand(20, 30)
-    models.denoise_array(Record(), image.numpy(), ensemble="lr")
+    models.Denoiser(Record(), ensemble="lr")(image.numpy())
     assert len(seen) == 2 and torch.equal(seen[0], image) and torch.equal(seen[1], image.flip(-1))
     seen.clear()
-    models.denoise_array(Record(), image.numpy(), ensemble="all")
+    models.Denoiser(Record(), ensemble="all")(image.numpy())
     assert len(seen) == 8 and any(torch.equal(view, image.flip(-2)) for view in seen)

@@ -20,7 +20,7 @@ import scoring  # noqa: E402
 import train  # noqa: E402
 import trainers  # noqa: E402
 import utils  # noqa: E402
-from datasets import DataError  # noqa: E402
+from utils import DataError  # noqa: E402
 
 
 def trainer_args(**overrides):
@@ -37,18 +37,18 @@ def triplet(batch=2, size=32, seed=0):
 
 def make_trainer(**overrides):
     torch.manual_seed(0)
-    return trainers.TCFLTrainer(models.build_generator("dncnn"), models.build_discriminator(), trainer_args(**overrides))
+    return trainers.TCFLTrainer(trainer_args(**overrides))
 
 
 # ------------------------------------------------------------------ the flow
 
 def test_batched_flow_equals_six_separate_calls():
-    trainer = make_trainer(frozen_bn=True)
-    trainers.freeze_batchnorm(trainer.G)
+    trainer = make_trainer(frozen_bn=True, zero_mean=False)
+    trainers.freeze_batchnorm(trainer.model)
     a, b, c = triplet()
     with torch.no_grad():
         fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
-        G = trainer.G
+        G = trainer.model
         n_a, n_b = G(a), G(b)
         c_a1, c_b1 = a - n_a, b - n_b
         i_a2, i_b2, i_c1, i_c2 = c_a1 + n_b, c_b1 + n_a, c + n_a, c + n_b
@@ -56,8 +56,8 @@ def test_batched_flow_equals_six_separate_calls():
         for got, want in zip(fakes, expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         # D once on the six concatenated fakes == the sum of six per-fake LSGAN losses.
-        batched = 6 * trainer.gan_loss(trainer.D(torch.cat(fakes)), real=True)
-        separate = sum(trainer.gan_loss(trainer.D(f), real=True) for f in expected)
+        batched = 6 * trainers.gan_loss(trainer.D(torch.cat(fakes)), True, "lsgan")
+        separate = sum(trainers.gan_loss(trainer.D(f), True, "lsgan") for f in expected)
         torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
 
 
@@ -82,9 +82,9 @@ def test_discriminator_step_sends_no_gradient_into_generator():
     trainer = make_trainer()
     a, b, c = triplet()
     fakes, _ = trainer.fuse(a, b, c)
-    trainer.G.zero_grad(set_to_none=True)
+    trainer.model.zero_grad(set_to_none=True)
     trainer.discriminator_step(c, torch.cat(fakes))
-    assert all(p.grad is None for p in trainer.G.parameters())
+    assert all(p.grad is None for p in trainer.model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.D.parameters())
 
 
@@ -126,7 +126,7 @@ class BlurResidual(nn.Module):
 
 @pytest.mark.parametrize("generator, fires", [(ConstantNoise, True), (BlurResidual, False)])
 def test_collapse_guard(generator, fires):
-    trainer = trainers.TCFLTrainer(generator(), models.build_discriminator(), trainer_args())
+    trainer = trainers.TCFLTrainer(trainer_args(), generator=generator())
     stats = trainer.step(*triplet())
     assert (trainers.collapse_warning(stats) is not None) == fires
 
@@ -142,8 +142,8 @@ def test_collapse_guard_silent_for_trained_checkpoint_generator():
 def test_ema_follows_generator():
     trainer = make_trainer(ema=0.5)
     trainer.step(*triplet())
-    live = torch.cat([p.flatten() for p in trainer.G.parameters()])
-    ema = torch.cat([p.flatten() for p in trainer.G_ema.parameters()])
+    live = torch.cat([p.flatten() for p in trainer.model.parameters()])
+    ema = torch.cat([p.flatten() for p in trainer.ema.parameters()])
     assert not torch.equal(live, ema) and (live - ema).abs().max() < 1
 
 
@@ -215,14 +215,15 @@ def test_lateral_bin_trains_on_binned_scans_and_denoises_at_full_size(tmp_path, 
     (noisy, clean), = seen
     assert {x.shape for x in noisy + clean} == {(256, 128)}  # the synthetic set is 256 x 256
     path = tmp_path / "ckpt" / "epoch_1.pth"
-    generator, state = evaluate.load_generator(path)
-    assert state["args"]["lateral_bin"] == 2 and generator.lateral_bin == 2
+    denoiser, state = models.load_checkpoint(path)
+    assert state["args"]["lateral_bin"] == 2 and denoiser.lateral_bin == 2
     image = np.random.default_rng(0).random((64, 96), dtype=np.float32)
-    full = models.denoise_array(generator, image)
-    by_hand = np.clip(utils.at_lateral_scale(lambda small: models.denoise_array(generator, small, lateral_bin=1), image, 2), 0, 1)
+    full = denoiser(image)
+    unbinned = models.Denoiser(denoiser.net, lateral_bin=1, zero_mean=denoiser.zero_mean)
+    by_hand = np.clip(utils.at_lateral_scale(unbinned, image, 2), 0, 1)
     assert full.shape == image.shape
     np.testing.assert_allclose(full, by_hand, atol=1e-6)
-    assert not np.allclose(full, models.denoise_array(generator, image, lateral_bin=1), atol=1e-3)
+    assert not np.allclose(full, unbinned(image), atol=1e-3)
     summary = evaluate.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "ev")])
     assert np.isfinite(summary["mean"]["PSNR"])
 
@@ -255,7 +256,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return stats
 
     monkeypatch.setattr(trainers.TCFLTrainer, "step", step)
-    with pytest.raises(DataError, match="non-finite loss at step 6"):
+    with pytest.raises(train.TrainingStopped, match="non-finite loss at step 6"):
         run_train(tmp_path, "--niter", "3")
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("epoch_*.pth")) == ["epoch_1.pth"]
 
@@ -270,7 +271,7 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path, monkeypatch):
         return real_step(self, *batch)
 
     monkeypatch.setattr(trainers.TCFLTrainer, "step", step)
-    with pytest.raises(DataError, match="interrupted at step 2"):
+    with pytest.raises(train.TrainingStopped, match="interrupted at step 2"):
         run_train(tmp_path, "--niter", "2")
     assert torch.load(tmp_path / "ckpt" / "epoch_1.pth", weights_only=True)["step"] == 2
 
@@ -313,14 +314,14 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     path = tmp_path / "epoch_1.pth"
     path.write_bytes(b"this is not a checkpoint")
     with pytest.raises(DataError, match="not a readable checkpoint"):
-        evaluate.load_generator(path)
+        models.load_checkpoint(path)
 
 
 def test_wrong_architecture_checkpoint_is_one_clear_error(tmp_path):
     path = tmp_path / "g.pth"
     torch.save({"generator": models.build_generator("unet").state_dict(), "backbone": "dncnn"}, path)
-    with pytest.raises(DataError, match="do not fit a dncnn generator"):
-        evaluate.load_generator(path)
+    with pytest.raises(DataError, match=r"do not fit a tcfl \(dncnn\) generator"):
+        models.load_checkpoint(path)
 
 
 def test_identity_losses_are_blind_to_a_constant_offset_which_zero_mean_removes():
@@ -340,8 +341,7 @@ def test_identity_losses_are_blind_to_a_constant_offset_which_zero_mean_removes(
     results = {}
     for zero_mean in (False, True):
         for name, generator in (("base", base), ("shifted", Shifted())):
-            generator.zero_mean = zero_mean
-            trainer = trainers.TCFLTrainer(generator, models.build_discriminator(), trainer_args())
+            trainer = trainers.TCFLTrainer(trainer_args(zero_mean=zero_mean), generator=generator)
             with torch.no_grad():
                 fakes, _ = trainer.fuse(a, b, c)
             results[zero_mean, name] = (trainer.identity_loss(fakes, c).item(), torch.cat(fakes).mean().item())
@@ -349,16 +349,15 @@ def test_identity_losses_are_blind_to_a_constant_offset_which_zero_mean_removes(
     assert results[False, "shifted"][1] < results[False, "base"][1] - 0.1  # the offset darkens every estimate
     assert results[True, "shifted"][1] == pytest.approx(results[True, "base"][1], abs=1e-5)
     x = torch.rand(1, 1, 40, 50)
-    Shifted.zero_mean = True
-    assert models.predict_noise(Shifted(), x, tile=16).mean().abs() < 1e-6  # whole-image mean, after tiling
+    assert models.predict_noise(Shifted(), x, tile=16, zero_mean=True).mean().abs() < 1e-6  # whole-image mean, after tiling
 
 
 def test_epoch_best_picks_the_highest_validation_psnr(tmp_path):
     (tmp_path / "log.csv").write_text("epoch,step,val_psnr\n1,5,\n1,10,20.5\n2,20,22.25\n3,30,21.0\n")
-    assert evaluate.best_epoch(tmp_path) == 2
+    assert models.best_epoch(tmp_path) == 2
     (tmp_path / "log.csv").write_text("epoch,step,val_psnr\n1,5,\n")
     with pytest.raises(DataError, match="no validation PSNR"):
-        evaluate.best_epoch(tmp_path)
+        models.best_epoch(tmp_path)
     with pytest.raises(DataError, match="epoch_2.pth: checkpoint not found"):
         (tmp_path / "log.csv").write_text("epoch,step,val_psnr\n2,20,22.25\n")
         evaluate.main(["--epoch", "best", "--ckpt_dir", str(tmp_path)])
