@@ -15,11 +15,14 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+import baselines
 import datasets
 import models
 from utils import DataError
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "ckpt" / "tcfl_duke28_G.pth"
+# The single-B-scan baselines (BM4D needs registered neighbours, which a folder of files does not give).
+CLASSICAL = {"bm3d": baselines.BM3D, "nlm": baselines.NLM}
 
 
 def expand_inputs(inputs):
@@ -56,12 +59,8 @@ def write_slices(path, images, dtype, is_stack):
 
 def make_denoiser(args):
     """A function image -> denoised image for --method / --ckpt / --epoch."""
-    if args.method == "bm3d":
-        import BM3D
-        return BM3D.denoise
-    if args.method == "nlm":
-        import NLM
-        return NLM.denoise
+    if args.method != "model":  # a classical baseline with its tuned parameters
+        return CLASSICAL[args.method].denoise
     if args.ckpt is None and args.epoch is None:
         args.ckpt = str(SHIPPED_CHECKPOINT)
     return models.load_for_options(args, models.checkpoint_path(args.ckpt, args.epoch, args.ckpt_dir))[0]
@@ -71,7 +70,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or multi-page TIFF stacks")
     parser.add_argument("--out", required=True, help="output folder (not an input's own folder)")
-    parser.add_argument("--method", default="model", choices=["model", "bm3d", "nlm"])
+    parser.add_argument("--method", default="model", choices=["model", *CLASSICAL],
+                        help="model: a trained checkpoint (default: the shipped one); or a classical baseline")
     models.add_checkpoint_args(parser)  # default checkpoint: the shipped ckpt/tcfl_duke28_G.pth
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)

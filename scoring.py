@@ -8,6 +8,8 @@ that tunes the classical baselines, and paired differences between methods with 
 intervals.
 """
 import csv
+import functools
+import itertools
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -171,6 +173,37 @@ def run_denoiser(denoise, method, args, volume=False):
     seconds = float(np.mean([t for _, t in results]))
     return score(samples, outputs, method, args.dataset, args.split, seconds,
                  out_dir / "scores.csv", args.json, bscans=len(jobs[0][1]) if volume else 1)
+
+
+def baseline_main(baseline, description, argv=None):
+    """The command line of a classical baseline script (BM3D.py, NLM.py, blur.py, BM4D.py): denoise and
+    score --dataset/--split with the tuned defaults or --<param> values, or --tune on a training split."""
+    import argparse
+    import sys
+
+    import cv2
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    parser.add_argument("--workers", type=int, default=1, help="images denoised at once, in processes")
+    for name, (default, text) in baseline.params.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default, help=f"{text} (default {default})")
+    parser.add_argument("--tune", action="store_true", help="grid-search " + " and ".join(baseline.tune_grid) +
+                        " on --split (a training split) and print the table")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    cv2.setNumThreads(1)  # one core per image; --workers parallelises across images
+    params = {name: getattr(args, name) for name in baseline.params}
+    try:
+        if args.tune:
+            names, values = zip(*baseline.tune_grid.items())
+            grid = [{**dict(zip(names, combo)), **{k: v for k, v in params.items() if k not in names}}
+                    for combo in itertools.product(*values)]
+            return grid_search(baseline.denoise, grid, baseline.name, args, volume=baseline.volume)
+        denoise = functools.partial(baseline.denoise, **params)
+        return run_denoiser(denoise, baseline.name, args, volume=baseline.volume)
+    except DataError as error:
+        sys.exit(f"error: {error}")
 
 
 def _psnr_of(job):

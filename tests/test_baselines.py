@@ -2,6 +2,7 @@
 dtype and range, the 16-bit NLM path keeps precision, and both scripts run end to
 end on a tiny fake duke28 tree (JSON summary, one-line error for a missing folder)."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import BM3D  # noqa: E402
+import baselines  # noqa: E402
 import NLM  # noqa: E402
 import synthetic  # noqa: E402
 from utils import psnr  # noqa: E402
 
 SCRIPTS = {"BM3D": BM3D, "NLM": NLM}
+DENOISERS = {"BM3D": baselines.bm3d_denoise, "NLM": baselines.nlm_denoise}
 JSON_KEYS = {"method", "dataset", "split", "n_images", "bscans", "mean", "std", "noisy_mean", "noisy_std",
              "seconds_per_image", "per_image"}
 
@@ -28,32 +31,32 @@ def pair(seed=0, height=64, width=96, eight_bit=True):
     return noisy, clean
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", DENOISERS)
 @pytest.mark.parametrize("eight_bit", [True, False])
 def test_denoiser_improves_psnr(name, eight_bit):
     noisy, clean = pair(eight_bit=eight_bit)
-    out = SCRIPTS[name].denoise(noisy)
+    out = DENOISERS[name](noisy)
     assert out.shape == noisy.shape and out.dtype == np.float32
     assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     assert psnr(clean, out) > psnr(clean, noisy) + 5
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", DENOISERS)
 def test_flat_image_stays_flat(name):
     flat = np.full((40, 60), 0.5, np.float32)
-    np.testing.assert_allclose(SCRIPTS[name].denoise(flat), 0.5, atol=1 / 255)
+    np.testing.assert_allclose(DENOISERS[name](flat), 0.5, atol=1 / 255)
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", DENOISERS)
 def test_odd_width_and_no_binning(name):
     noisy, _ = pair(seed=1, height=40, width=67)
     for lateral_bin in (1, 3):
-        assert SCRIPTS[name].denoise(noisy, lateral_bin=lateral_bin).shape == (40, 67)
+        assert DENOISERS[name](noisy, lateral_bin=lateral_bin).shape == (40, 67)
 
 
 def test_is_8bit():
-    assert NLM.is_8bit(np.arange(256, dtype=np.uint8).astype(np.float32) / 255)
-    assert not NLM.is_8bit(np.arange(0, 65536, 7, dtype=np.uint16).astype(np.float32) / 65535)
+    assert baselines.is_8bit(np.arange(256, dtype=np.uint8).astype(np.float32) / 255)
+    assert not baselines.is_8bit(np.arange(0, 65536, 7, dtype=np.uint16).astype(np.float32) / 65535)
 
 
 def test_nlm_16bit_path_keeps_precision():
@@ -61,9 +64,9 @@ def test_nlm_16bit_path_keeps_precision():
     # distinct levels; the uint16/NORM_L1 path must keep the ramp to well under a grey level.
     ramp16 = np.round(np.linspace(0.2, 0.4, 512) * 65535).astype(np.uint16)
     image = np.tile(ramp16, (48, 1)).astype(np.float32) / 65535
-    assert not NLM.is_8bit(image)
-    for lateral_bin in (1, NLM.LATERAL_BIN):
-        out = NLM.denoise(image, lateral_bin=lateral_bin)
+    assert not baselines.is_8bit(image)
+    for lateral_bin in (1, baselines.NLM_LATERAL_BIN):
+        out = baselines.nlm_denoise(image, lateral_bin=lateral_bin)
         inner = (slice(None), slice(64, -64))  # away from the lateral borders (reflected there)
         assert len(np.unique(np.round(out[inner] * 65535))) > 300
         assert np.abs(out[inner] - image[inner]).max() < 0.25 / 255
@@ -129,7 +132,7 @@ def test_tune_refuses_any_split_with_test_subjects(name, split, tmp_path):
 def test_tune_table(tmp_path, capsys, monkeypatch):
     root = tmp_path / "duke"
     write_fake_duke28(root)
-    monkeypatch.setattr(NLM, "TUNE_GRID", {"lateral_bin": (1, 2), "h": (10, 20)})
+    monkeypatch.setattr(baselines, "NLM", dataclasses.replace(baselines.NLM, tune_grid={"lateral_bin": (1, 2), "h": (10, 20)}))
     (root / "splits.json").write_text('{"train": [1, 2], "test": []}')
     rows = NLM.main(["--dataset", "duke28", "--data_root", str(root), "--split", "train", "--tune"])
     assert len(rows) == 4
