@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import DataError, at_lateral_scale, resolve_device
+from utils import DataError, at_lateral_scale, check_lateral_bin, resolve_device
 
 
 def init_weights(module):
@@ -206,11 +206,9 @@ class Denoiser:
     """
 
     def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False):
-        if int(lateral_bin) != lateral_bin or lateral_bin < 1:
-            raise DataError(f"--lateral_bin must be a whole number >= 1 (1: full resolution), got {lateral_bin}")
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble}")
-        self.net, self.lateral_bin, self.zero_mean = net, int(lateral_bin), zero_mean
+        self.net, self.lateral_bin, self.zero_mean = net, check_lateral_bin(lateral_bin), zero_mean
         self.ensemble, self.tile, self.bf16 = ensemble, tile, bf16
 
     def noise(self, x):

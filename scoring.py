@@ -20,7 +20,7 @@ from scipy import stats
 from tqdm import tqdm
 
 import datasets
-from utils import DataError, METRICS, ROI_METRICS, all_metrics, psnr, roi_metrics
+from utils import DataError, METRICS, ROI_METRICS, all_metrics, check_lateral_bin, psnr, roi_metrics
 
 # What train.py holds back for validation unless a checkpoint says otherwise (train.py's defaults).
 VAL_DEFAULTS = {"split": "train", "n_val": 2, "seed": 0}
@@ -195,6 +195,11 @@ def baseline_main(baseline, description, argv=None):
     cv2.setNumThreads(1)  # one core per image; --workers parallelises across images
     params = {name: getattr(args, name) for name in baseline.params}
     try:
+        if "lateral_bin" in params:
+            check_lateral_bin(params["lateral_bin"])
+        negative = [f"--{name} {value}" for name, value in params.items() if value < 0]
+        if negative:
+            raise DataError(f"{', '.join(negative)}: must be >= 0")
         if args.tune:
             names, values = zip(*baseline.tune_grid.items())
             grid = [{**dict(zip(names, combo)), **{k: v for k, v in params.items() if k not in names}}

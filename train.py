@@ -32,7 +32,7 @@ from tqdm import tqdm
 import datasets
 import models
 import trainers
-from utils import DataError, bin_laterally, psnr, resolve_device, ssim
+from utils import DataError, bin_laterally, check_lateral_bin, psnr, resolve_device, ssim
 
 
 class TrainingStopped(Exception):
@@ -54,8 +54,7 @@ def parse_args(argv=None):
     low, high = args.noise_scale
     if not 0 <= low <= high:
         raise DataError(f"--noise_scale needs 0 <= LO <= HI, got {low} {high}")
-    if args.lateral_bin < 1:
-        raise DataError(f"--lateral_bin must be >= 1 (1: full resolution), got {args.lateral_bin}")
+    check_lateral_bin(args.lateral_bin)
     # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
     # short runs (docs/training.md: the WGAN sweep). Filled in here so that opt.json records the value used.
     default_lr = 5e-5 if args.gan == "wgan" else 2e-4

@@ -166,6 +166,13 @@ def all_metrics(ref, img):
 
 # ---- image helpers ----
 
+def check_lateral_bin(factor):
+    """The one check of a lateral binning factor (train.py, the Denoiser, the baselines): a whole number >= 1."""
+    if int(factor) != factor or factor < 1:
+        raise DataError(f"--lateral_bin must be a whole number >= 1 (1: full resolution), got {factor}")
+    return int(factor)
+
+
 def bin_laterally(image, factor):
     """image (H, W) averaged factor:1 along the lateral (last) axis: (H, round(W / factor)); factor 1: image."""
     import cv2

@@ -54,9 +54,9 @@ def main(argv=None):
         print(f"blur sigma {sigma:.1f} px: PSNR {rows[-1]['psnr']:.2f} dB, SSIM {rows[-1]['ssim']:.3f}, "
               f"output TV {rows[-1]['output_tv']:.4f}")
     reference_tv = float(np.mean([total_variation(s.clean) for s in samples]))
-    print(f"{len(samples)} validation images of {args.dataset}, lateral_bin {generator.lateral_bin}; reference TV {reference_tv:.4f}")
+    print(f"{len(samples)} validation images of {args.dataset}, lateral_bin {denoiser.lateral_bin}; reference TV {reference_tv:.4f}")
     if not args.no_save:
-        save(f"grain_{Path(args.ckpt).stem}", {"ckpt": Path(args.ckpt).name, "lateral_bin": generator.lateral_bin,
+        save(f"grain_{Path(args.ckpt).stem}", {"ckpt": Path(args.ckpt).name, "lateral_bin": denoiser.lateral_bin,
                                                "reference_tv": reference_tv, "rows": rows})
     return rows
 

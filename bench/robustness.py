@@ -22,8 +22,6 @@ to the git-ignored img/.
 import argparse
 import dataclasses
 import functools
-import importlib
-from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -31,10 +29,8 @@ from tqdm import tqdm
 from common import ROOT, SHARED_DATA, machine, save
 from quality import shipped_checkpoints, timed
 
-import BM3D
-import NLM
+import baselines
 import datasets
-import evaluate
 import models
 import scoring
 
@@ -72,22 +68,14 @@ def make_levels(dataset, samples):
 
 
 def checkpoint_denoiser(path):
-    generator, _ = evaluate.load_generator(path)
-    return lambda image: models.denoise_array(generator, image)
-
-
-def root_script(name):
-    """denoise() of a root script, imported when its method runs (blur.py, BM4D.py)."""
-    return importlib.import_module(name).denoise
+    return models.load_checkpoint(path)[0]
 
 
 def method_table():
     """key -> (row label, B-scans read per output, loader returning denoise(input); None: the input itself)."""
     table = {"noisy": (NOISY, 1, None),
-             "blur": ("blur.py", 1, functools.partial(root_script, "blur")),
-             "bm3d": ("BM3D.py", 1, lambda: BM3D.denoise),
-             "nlm": ("NLM.py", 1, lambda: NLM.denoise),
-             "bm4d": ("BM4D.py", 5, functools.partial(root_script, "BM4D"))}
+             **{key: (f"{spec.name}.py", 5 if spec.volume else 1, lambda spec=spec: spec.denoise)
+                for key, spec in baselines.CLASSICAL.items()}}
     for path in shipped_checkpoints():
         table[path.name.removesuffix("_G.pth")] = (path.name, 1, functools.partial(checkpoint_denoiser, path))
     return table
@@ -98,18 +86,11 @@ def choose(spec, table, quick):
     if spec == "all":
         return [key for key in table if not (quick and key in SLOW)]
     checkpoints = [key for key, (label, _, _) in table.items() if label.endswith("_G.pth")]
-    keys = [k for key in spec.split(",") for k in (checkpoints if key == "ckpt" else [key.strip()])]
+    keys = [k for key in map(str.strip, spec.split(",")) for k in (checkpoints if key == "ckpt" else [key])]
     unknown = [key for key in keys if key not in table]
     if unknown:
         raise SystemExit(f"--methods: unknown {', '.join(unknown)} (known: all, ckpt, {', '.join(table)})")
     return list(dict.fromkeys(keys))
-
-
-def denoise_level(denoise, samples, bscans):
-    """Outputs and mean seconds per image; a volumetric method (bscans > 1) reads Sample.volume()."""
-    if bscans > 1:  # quality.timed denoises .noisy: hand it the volume there
-        samples = [SimpleNamespace(noisy=scoring.denoiser_input(s, volume=True)) for s in samples]
-    return timed(denoise, samples)
 
 
 def run(levels, keys, table, dataset):
@@ -127,7 +108,7 @@ def run(levels, keys, table, dataset):
                 if denoise is None:
                     summary = inputs[level.name]
                 else:
-                    outputs, seconds = denoise_level(denoise, level.samples, bscans)
+                    outputs, seconds = timed(denoise, level.samples, volume=bscans > 1)  # BM4D: Sample.volume()
                     summary = scoring.score(level.samples, outputs, label, dataset, "test", seconds, bscans=bscans)
                 results.setdefault(label, {})[level.name] = summary
                 bar.update()
@@ -154,13 +135,15 @@ def plot(path, levels, results, title):
     import matplotlib.pyplot as plt
     levels = sorted(levels, key=lambda level: level["input"]["mean"]["PSNR"])
     x = [level["input"]["mean"]["PSNR"] for level in levels]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     ax.plot(x, x, color="grey", ls="--", lw=1, marker="o", ms=3, label="noisy input (y = x)")
     for level, xi in zip(levels, x):
         ax.annotate(level["name"], (xi, xi), textcoords="offset points", xytext=(4, -10), color="grey", fontsize=8)
-    for label, by_level in results.items():
-        if label != NOISY:
-            ax.plot(x, [by_level[level["name"]]["mean"]["PSNR"] for level in levels], marker="o", ms=4, lw=1.2, label=label)
+    rows = [(label, by_level) for label, by_level in results.items() if label != NOISY]
+    colours = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # ten strong colours, then their light tints
+    for i, (label, by_level) in enumerate(rows):  # colour and marker both vary: > 10 lines stay apart
+        ax.plot(x, [by_level[level["name"]]["mean"]["PSNR"] for level in levels], color=colours[i % 20],
+                marker="os^Dv<>ph*X"[i % 11], ms=5, lw=1.2, label=label)
     training = next(xi for level, xi in zip(levels, x) if level["training"])
     ax.axvline(training, color="black", ls=":", lw=1)
     ax.annotate("training level", xy=(training, 0.02), xycoords=("data", "axes fraction"), xytext=(3, 0),
@@ -168,7 +151,8 @@ def plot(path, levels, results, title):
     ax.set_xlabel("input PSNR of the level (dB)")
     ax.set_ylabel("mean output PSNR (dB)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.margins(x=0.08)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -2,6 +2,9 @@
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import grain  # noqa: E402
@@ -22,7 +25,19 @@ def test_infer_speed_runs():
 
 def test_quality_runs_on_synthetic():
     summaries = quality.main(["--dataset", "synthetic", "--quick", "--no_bm3d", "--no_save", "--size", "48"])
-    assert summaries[0]["method"] == "NLM.py" and summaries[0]["n_images"] == 2
+    assert [s["method"] for s in summaries[:2]] == ["blur.py", "NLM.py"] and summaries[0]["n_images"] == 2
+    # every row but the blur floor itself carries its paired difference to the blur floor, from its own images
+    assert "blur.py" not in summaries[0]["paired"] and set(summaries[1]["paired"]) == {"blur.py"}
+    nlm = summaries[1]
+    diffs = [a["PSNR"] - b["PSNR"] for a, b in zip(nlm["per_image"], summaries[0]["per_image"])]
+    assert nlm["paired"]["blur.py"]["PSNR"]["mean"] == pytest.approx(np.mean(diffs))
+
+
+def test_quality_marks_volumetric_rows_and_pairs_with_bm3d():
+    summaries = quality.main(["--dataset", "synthetic", "--quick", "--no_save", "--size", "40"])
+    by_name = {s["method"]: s for s in summaries}
+    assert by_name["BM4D.py"]["bscans"] == 5 and by_name["BM3D.py"]["bscans"] == 1
+    assert set(by_name["NLM.py"]["paired"]) == {"blur.py", "BM3D.py"}
 
 
 def test_grain_scores_validation_outputs_plain_and_blurred(tmp_path):

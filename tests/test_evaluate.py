@@ -14,7 +14,7 @@ import evaluate  # noqa: E402
 import scoring  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
-from datasets import DataError  # noqa: E402
+from utils import DataError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
