@@ -4,7 +4,6 @@ Every layout is built as a tiny fake tree under tmp_path; the real Duke/Bioptige
 scans are only read (and the test skips when they are absent).
 """
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,10 +13,8 @@ import pytest
 import tifffile
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import datasets  # noqa: E402
-from utils import DataError  # noqa: E402
+import datasets
+from utils import DataError
 
 H, W = 16, 24
 REAL_DUKE28 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_bioptigen"
@@ -57,19 +54,13 @@ def raises(path, *fragments):
 
 # ---------------------------------------------------------------- fake trees
 
-def make_duke28(root, ids=range(1, 7), splits=None, neighbours=(1, 2, 3, 4)):
-    """<root>/<n>/test.tif + average.tif + neighbours; tags: noisy 10n+k (test k=0), clean 10n+9."""
-    root.mkdir(parents=True, exist_ok=True)
-    for n in ids:
-        d = root / str(n)
-        d.mkdir()
-        tifffile.imwrite(d / "test.tif", image(10 * n))
-        tifffile.imwrite(d / "average.tif", image(10 * n + 9))
-        for k in neighbours:
-            tifffile.imwrite(d / f"{k}.tif", image(10 * n + k))
-    if splits is not None:
-        (root / "splits.json").write_text(json.dumps(splits))
-    return root
+@pytest.fixture
+def make_duke28(fake_duke28):
+    """make_duke28(root, ids=range(1, 7), splits=None): conftest's tree with tagged H x W images and all four
+    neighbours; tags: noisy 10n + k (test.tif k = 0, k.tif k), clean 10n + 9."""
+    def make(root, ids=range(1, 7), splits=None):
+        return fake_duke28(root, ids, images="tagged", size=(H, W), neighbours=(1, 2, 3, 4), splits=splits)
+    return make
 
 
 def make_pku37(root, n_noisy=3, n_clean=2):
@@ -346,7 +337,7 @@ def test_duke17_bad_trees(tmp_path):
 
 @pytest.mark.parametrize("split, ids", [("train", ["1", "2", "3", "4"]), ("test", ["5", "6"]),
                                         ("all", ["1", "2", "3", "4", "5", "6"])])
-def test_duke28_pairs_by_split(tmp_path, split, ids):
+def test_duke28_pairs_by_split(tmp_path, split, ids, make_duke28):
     make_duke28(tmp_path, splits=SPLITS)
     samples = datasets.load_pairs("duke28", tmp_path, split)
     assert [s.id for s in samples] == ids
@@ -355,13 +346,13 @@ def test_duke28_pairs_by_split(tmp_path, split, ids):
         assert s.bit_depth == 8 and s.path == str(tmp_path / s.id / "test.tif")
 
 
-def test_duke28_split_order_and_duplicates_do_not_matter(tmp_path):
+def test_duke28_split_order_and_duplicates_do_not_matter(tmp_path, make_duke28):
     make_duke28(tmp_path, splits={"train": [4, "2", 1, 2, 3], "test": [6, 5]})
     assert [d.name for d in datasets.duke28_subjects(tmp_path, "train")] == ["1", "2", "3", "4"]
     assert [d.name for d in datasets.duke28_subjects(str(tmp_path), "test")] == ["5", "6"]
 
 
-def test_duke28_split_errors(tmp_path):
+def test_duke28_split_errors(tmp_path, make_duke28):
     make_duke28(tmp_path)
     # No splits.json: only --split all works.
     assert len(datasets.load_pairs("duke28", tmp_path, "all")) == 6
@@ -382,7 +373,7 @@ def test_duke28_split_errors(tmp_path):
         datasets.load_pairs("duke28", tmp_path, "test")
 
 
-def test_duke28_bad_trees(tmp_path):
+def test_duke28_bad_trees(tmp_path, make_duke28):
     (tmp_path / "empty").mkdir()
     with raises(tmp_path / "empty", "no subject folders"):
         datasets.load_pairs("duke28", tmp_path / "empty", "all")
@@ -397,7 +388,7 @@ def test_duke28_bad_trees(tmp_path):
         datasets.load_pairs("duke28", root, "all")
 
 
-def test_duke28_unpaired_uses_train_subjects_and_holds_back_validation(tmp_path):
+def test_duke28_unpaired_uses_train_subjects_and_holds_back_validation(tmp_path, make_duke28):
     make_duke28(tmp_path, splits=SPLITS)
     (tmp_path / "2" / "3.tif").unlink()  # neighbours are optional, per file
     (tmp_path / "2" / "4.tif").unlink()
@@ -417,7 +408,7 @@ def test_duke28_unpaired_uses_train_subjects_and_holds_back_validation(tmp_path)
     assert val == [] and len(clean) == 4
 
 
-def test_duke28_unpaired_never_trains_on_test_subjects(tmp_path):
+def test_duke28_unpaired_never_trains_on_test_subjects(tmp_path, make_duke28):
     make_duke28(tmp_path, splits=SPLITS)
     with raises(tmp_path, "test split"):
         datasets.load_unpaired("duke28", tmp_path, "test")
@@ -431,7 +422,7 @@ def test_duke28_unpaired_never_trains_on_test_subjects(tmp_path):
         datasets.load_unpaired("duke28", tmp_path, "train")
 
 
-def test_duke28_unpaired_errors(tmp_path):
+def test_duke28_unpaired_errors(tmp_path, make_duke28):
     make_duke28(tmp_path, splits=SPLITS)
     with raises(tmp_path, "too few"):
         datasets.load_unpaired("duke28", tmp_path, "train", n_val=4)

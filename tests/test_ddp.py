@@ -5,11 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+import evaluate
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402
 
 ARGS = ["--dataset", "synthetic", "--patch_size", "32", "--epoch_size", "16", "--batch_size", "2",
         "--n_val", "1", "--ckpt_dir", "ckpt", "--img_dir", "img"]
@@ -24,6 +25,7 @@ def torchrun(cwd, *extra):
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_resume_and_evaluate(tmp_path):
     out = torchrun(tmp_path, "--max_steps", "3")
     hashes = re.findall(r"rank (\d) generator sha1 ([0-9a-f]{40})", out)

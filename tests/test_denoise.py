@@ -1,5 +1,4 @@
 """denoise.py on the user's own files: types, stacks, folders, refusals."""
-import sys
 from pathlib import Path
 
 import cv2
@@ -8,12 +7,11 @@ import pytest
 import tifffile
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import datasets  # noqa: E402
-import denoise  # noqa: E402
-import evaluate  # noqa: E402
-import models  # noqa: E402
-from utils import DataError  # noqa: E402
+import datasets
+import denoise
+import evaluate
+import models
+from utils import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 DUKE = ROOT.parent / "shared" / "data" / "duke_bioptigen"

@@ -1,9 +1,6 @@
 """The alternative training methods (train.py --method r2r|n2n|cncl|drgan): each one's core rule
 on tiny tensors, then train.py + evaluate.py end to end for a couple of steps."""
 import csv
-import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,21 +8,16 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import datasets  # noqa: E402
-import evaluate  # noqa: E402
-import models  # noqa: E402
-import synthetic  # noqa: E402
-import train  # noqa: E402
-import trainers  # noqa: E402
-from datasets import Sample  # noqa: E402
-from utils import DataError  # noqa: E402
+import datasets
+import evaluate
+import models
+import synthetic
+import train
+import trainers
+from datasets import Sample
+from utils import DataError
 
 METHODS = ["r2r", "n2n", "cncl", "drgan"]
-
-
-def trainer_args(*argv):
-    return train.parse_args(list(argv))
 
 
 def correlation(noise, dy, dx):
@@ -119,14 +111,30 @@ def test_subsampler_picks_two_distinct_4_neighbours_of_each_cell():
     assert pairs == {tuple(p) for p in trainers.NEIGHBOUR_PAIRS.tolist()}  # all 8 ordered pairs drawn
 
 
-def test_n2n_regulariser_weight_ramps_to_gamma():
+class Scale(torch.nn.Module):
+    """noise = c x: with a constant image y, f(v) = (1 - c) v, and N2N's regulariser c^2 |g2(y)|^2 equals its
+    reconstruction term exactly, so loss = reconstruction x (1 + gamma) tells gamma."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.c * x
+
+
+def test_n2n_regulariser_weight_ramps_linearly_to_gamma(trainer_args, monkeypatch):
     args = trainer_args("--method", "n2n", "--niter", "2", "--epoch_size", "8", "--batch_size", "2", "--n2n_gamma", "3")
+    monkeypatch.setattr(trainers.models, "build_generator", lambda backbone: Scale())
     trainer = trainers.N2NTrainer(args)
-    assert trainer.total_steps == 8
-    batch = [torch.rand(2, 1, 16, 16) for _ in range(3)]
-    for _ in range(2):
-        stats = trainer.step(*batch)
-    assert trainer.steps == 2 and stats["loss_g"] > stats["identity"]  # weight 3 * 2 / 8 on the regulariser
+    total = 8  # K: 2 epochs x 8 // 2 steps
+    assert trainer.total_steps == total
+    flat = [torch.full((2, 1, 16, 16), 0.0) + torch.tensor([0.3, 0.6]).view(2, 1, 1, 1) for _ in range(3)]
+    for k in range(1, total + 3):
+        stats = trainer.step(*flat)
+        gamma = stats["loss_g"] / stats["identity"] - 1
+        assert gamma == pytest.approx(3 * min(k, total) / total, abs=1e-5), k  # n2n_gamma x k / K, then n2n_gamma
+    assert trainer.steps == total + 2
 
 
 # ------------------------------------------------------------------ DRGAN's noise patches
@@ -169,19 +177,15 @@ def test_cncl_branches_are_the_chosen_backbone_and_fuse_starts_as_average():
         torch.testing.assert_close(net(x), x - fused)
 
 
-def write_duke28(root, ids=range(1, 6), train_ids=(1, 2, 3, 4), test_ids=(5,)):
-    """A tiny duke28 layout; subject i's noisy image is the constant i / 10."""
-    for i in ids:
-        (root / str(i)).mkdir(parents=True)
-        noisy = np.full((40, 48), i * 20, np.uint8)
-        noisy[::2] += 5  # some texture, so crops can be checked for alignment
-        tifffile.imwrite(root / str(i) / "test.tif", noisy)
-        tifffile.imwrite(root / str(i) / "average.tif", noisy // 2)
-    (root / "splits.json").write_text(json.dumps({"train": list(train_ids), "test": list(test_ids)}))
+def striped_subject(n, name):
+    """Subject n's noisy scan is the constant 20 n with every other row + 5; its average is noisy // 2."""
+    noisy = np.full((40, 48), n * 20, np.uint8)
+    noisy[::2] += 5  # some texture, so crops can be checked for alignment
+    return noisy if name == "test" else noisy // 2
 
 
-def test_cncl_pairs_are_training_subjects_minus_validation_and_test(tmp_path):
-    write_duke28(tmp_path)
+def test_cncl_pairs_are_training_subjects_minus_validation_and_test(tmp_path, fake_duke28):
+    fake_duke28(tmp_path, ids=range(1, 6), images=striped_subject, splits={"train": [1, 2, 3, 4], "test": [5]})
     val = [Sample("4", np.zeros((40, 48), np.float32))]
     pairs = datasets.paired_training_data("duke28", tmp_path, "train", val)
     assert sorted(round(float(noisy.min()) * 255 / 20) for noisy, _ in pairs) == [1, 2, 3]
@@ -202,6 +206,46 @@ def test_cncl_refuses_unpaired_dataset(tmp_path):
     with pytest.raises(DataError, match="cncl trains on registered noisy/clean pairs; --dataset pku37 is unpaired"):
         train.main(["--method", "cncl", "--dataset", "pku37", "--data_root", str(tmp_path), "--patch_size", "32",
                     "--ckpt_dir", str(tmp_path / "ckpt"), "--img_dir", str(tmp_path / "img")])
+
+
+# ------------------------------------------------------------------ each method's options
+
+# A value away from the default for every method-specific option (trainers.METHOD_OPTIONS).
+SET = {"gan": ["--gan", "vanilla"], "lam": ["--lam", "3"], "d_fake_weight": ["--d_fake_weight", "0.2"],
+       "clip": ["--clip", "0.02"], "n_critic": ["--n_critic", "2"], "sigma_tv": ["--sigma_tv", "1"],
+       "sigma_rep": ["--sigma_rep", "1"], "zero_mean": ["--no-zero_mean"], "pool_size": ["--pool_size", "4"],
+       "noise_scale": ["--noise_scale", "0.5", "1.5"], "lr_d": ["--lr_d", "1e-4"], "backbone": ["--backbone", "unet"],
+       "r2r_alpha": ["--r2r_alpha", "0.3"], "r2r_passes": ["--r2r_passes", "2"], "n2n_gamma": ["--n2n_gamma", "1"]}
+
+
+# What each method's step reads (trainers.py); every other method option is refused, not silently ignored.
+READS = {"tcfl": {"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean", "pool_size",
+                  "noise_scale", "lr_d", "backbone"},
+         "r2r": {"r2r_alpha", "r2r_passes", "backbone"},
+         "n2n": {"n2n_gamma", "backbone"},
+         "cncl": {"gan", "lr_d", "backbone"},
+         "drgan": {"gan", "lr_d"}}
+
+
+def test_every_method_option_has_a_value_here():
+    assert set(SET) == set(trainers.METHOD_OPTIONS) and set(READS) == set(trainers.TRAINERS)
+
+
+@pytest.mark.parametrize("method", list(READS))
+def test_parse_args_refuses_the_options_a_method_does_not_read(method):
+    own = [arg for name in sorted(READS[method]) for arg in SET[name]]
+    args, defaults = train.parse_args(["--method", method, *own]), vars(train.parse_args([]))  # all its own: accepted
+    assert args.method == method and all(getattr(args, name) != defaults[name] for name in READS[method])
+    for name in sorted(set(trainers.METHOD_OPTIONS) - READS[method]):
+        with pytest.raises(DataError, match=f"--method {method} does not read --{name}") as error:
+            train.parse_args(["--method", method, *own, *SET[name]])
+        assert "\n" not in str(error.value)
+
+
+def test_r2r_refuses_sigma_tv():
+    with pytest.raises(DataError, match="--method r2r does not read --sigma_tv"):
+        train.parse_args(["--method", "r2r", "--sigma_tv", "1"])
+    assert train.parse_args(["--method", "r2r", "--r2r_alpha", "0.3"]).r2r_alpha == 0.3
 
 
 # ------------------------------------------------------------------ train.py + evaluate.py
@@ -227,6 +271,7 @@ def test_train_two_steps_then_evaluate(tmp_path, method):
     assert summary["n_images"] == 8 and np.isfinite(summary["mean"]["PSNR"])
 
 
+@pytest.mark.slow
 def test_n2n_resume_draws_the_same_masks(tmp_path):
     run = lambda d, *extra: train.main(["--method", "n2n", *TINY, "--epoch_size", "8", "--niter", "2",
                                         "--ckpt_dir", str(d / "ckpt"), "--img_dir", str(d / "img"), *extra])

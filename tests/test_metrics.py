@@ -2,14 +2,12 @@
 input validation, and a self-check on the real Duke test split."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import METRICS, all_metrics, epi, epi_v, gcmse, psnr, roi_metrics, ssim  # noqa: E402
+from utils import METRICS, all_metrics, epi, epi_v, gcmse, psnr, roi_metrics, ssim
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_bioptigen"
 Q = math.exp(-4)  # Perona-Malik conduction of a unit step with kappa = 0.5: exp(-(1/0.5)^2)

@@ -1,14 +1,10 @@
 """Physics and calibration of the synthetic OCT data set."""
-import os
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import synthetic  # noqa: E402
-from synthetic import (NOISE_FLOOR, SyntheticOCT, clean_image, mean_intensity,  # noqa: E402
-                       noisy_clean_pair, phantom, speckle_image, speckle_intensity)
+import synthetic
+from synthetic import (NOISE_FLOOR, SyntheticOCT, clean_image, mean_intensity, noisy_clean_pair, phantom,
+                       speckle_image, speckle_intensity)
 
 
 def psnr(a, b):

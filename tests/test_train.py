@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
-import models  # noqa: E402
-import scoring  # noqa: E402
-import train  # noqa: E402
-import trainers  # noqa: E402
-import utils  # noqa: E402
-from utils import DataError  # noqa: E402
+import evaluate
+import models
+import scoring
+import synthetic
+import train
+import trainers
+import utils
+from utils import DataError
 
-
-def trainer_args(**overrides):
-    args = train.parse_args([])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+SHIPPED = Path(__file__).resolve().parents[1] / "ckpt" / "tcfl_duke28_G.pth"
 
 
 def triplet(batch=2, size=32, seed=0):
@@ -35,24 +31,67 @@ def triplet(batch=2, size=32, seed=0):
     return [torch.rand(batch, 1, size, size, generator=g) for _ in range(3)]
 
 
-def make_trainer(**overrides):
-    torch.manual_seed(0)
-    return trainers.TCFLTrainer(trainer_args(**overrides))
+@pytest.fixture
+def make_trainer(trainer_args):
+    """TCFLTrainer(trainer_args(**overrides), generator=..., discriminator=...), seeded."""
+    def make(generator=None, discriminator=None, **overrides):
+        torch.manual_seed(0)
+        return trainers.TCFLTrainer(trainer_args(**overrides), generator=generator, discriminator=discriminator)
+    return make
+
+
+class ConstantNoise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.full((1, 1, 1, 1), 0.1))
+
+    def forward(self, x):
+        return self.value.expand_as(x)
+
+
+class BlurResidual(nn.Module):
+    """A crude but input-dependent denoiser without BatchNorm: noise = x - blur(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.scale * (x - F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False))
+
+
+class KnownCritic(nn.Module):
+    """A D whose scores are known: a learnable scalar plus each image's mean, expanded to the PatchGAN's
+    output shape (N, 1, H / 16, W / 16). `seen` records every batch it scores."""
+
+    def __init__(self, value=0.3):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(value))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return (self.value + x.mean(dim=(1, 2, 3))).view(-1, 1, 1, 1).expand(-1, 1, x.shape[-2] // 16, x.shape[-1] // 16)
+
+
+def six_separate_calls(G, a, b, c):
+    """The published flow, one G call per image set: [C_A1, C_B1, C_A2, C_B2, C_C1, C_C2]."""
+    n_a, n_b = G(a), G(b)
+    c_a1, c_b1 = a - n_a, b - n_b
+    i_a2, i_b2, i_c1, i_c2 = c_a1 + n_b, c_b1 + n_a, c + n_a, c + n_b
+    return [c_a1, c_b1, i_a2 - G(i_a2), i_b2 - G(i_b2), i_c1 - G(i_c1), i_c2 - G(i_c2)]
 
 
 # ------------------------------------------------------------------ the flow
 
-def test_batched_flow_equals_six_separate_calls():
+def test_batched_flow_equals_six_separate_calls(make_trainer):
+    """With --frozen_bn, BN uses its running statistics, so batching cannot change G's output."""
     trainer = make_trainer(frozen_bn=True, zero_mean=False)
-    trainers.freeze_batchnorm(trainer.model)
+    trainer.train_mode()
     a, b, c = triplet()
     with torch.no_grad():
         fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
-        G = trainer.model
-        n_a, n_b = G(a), G(b)
-        c_a1, c_b1 = a - n_a, b - n_b
-        i_a2, i_b2, i_c1, i_c2 = c_a1 + n_b, c_b1 + n_a, c + n_a, c + n_b
-        expected = [c_a1, c_b1, i_a2 - G(i_a2), i_b2 - G(i_b2), i_c1 - G(i_c1), i_c2 - G(i_c2)]
+        expected = six_separate_calls(trainer.model, a, b, c)
         for got, want in zip(fakes, expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         # D once on the six concatenated fakes == the sum of six per-fake LSGAN losses.
@@ -61,7 +100,33 @@ def test_batched_flow_equals_six_separate_calls():
         torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
 
 
-def test_noise_scale_rescales_the_noise_that_p2p_and_c2p_add_back():
+def test_batched_flow_in_train_mode_equals_separate_calls_only_without_batchnorm(make_trainer):
+    """The default (no --frozen_bn): G trains with BatchNorm on batch statistics, and the batched flow (G on
+    [I_A; I_B], then on the four stage-2 sets together) normalises over other images than separate calls
+    do, so every output differs, in each stage on its own: measured 0.08 (C_A1, C_B1) and 0.17 to 0.38 (stage 2,
+    given the same stage-2 inputs) for the untrained DnCNN on these crops (images in [0, 1]). A BN-free
+    generator gives the same six estimates either way."""
+    a, b, c = triplet()
+    trainer = make_trainer(zero_mean=False)
+    trainer.train_mode()
+    assert any(isinstance(m, nn.BatchNorm2d) and m.training for m in trainer.model.modules())
+    G = trainer.model
+    with torch.no_grad():
+        fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
+        stage1 = [a - G(a), b - G(b)]  # one call per image set
+        stage2 = [x - G(x) for x in (fakes[0] + noise_b, fakes[1] + noise_a, c + noise_a, c + noise_b)]  # same inputs
+    differences = [(x - y).abs().max().item() for x, y in zip(fakes, stage1 + stage2)]
+    assert min(differences) > 0.02, differences
+
+    trainer = make_trainer(generator=BlurResidual(), zero_mean=False)
+    trainer.train_mode()
+    with torch.no_grad():
+        fakes, _ = trainer.fuse(a, b, c)
+        for got, want in zip(fakes, six_separate_calls(trainer.model, a, b, c)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_scale_rescales_the_noise_that_p2p_and_c2p_add_back(make_trainer):
     trainer = make_trainer(noise_scale=[2.0, 2.0], zero_mean=False)
     seen = []
     real_noise = trainer.noise
@@ -78,7 +143,9 @@ def test_noise_scale_rescales_the_noise_that_p2p_and_c2p_add_back():
         train.parse_args(["--noise_scale", "1.5", "0.5"])
 
 
-def test_discriminator_step_sends_no_gradient_into_generator():
+# ------------------------------------------------------------------ the two updates
+
+def test_discriminator_step_sends_no_gradient_into_generator(make_trainer):
     trainer = make_trainer()
     a, b, c = triplet()
     fakes, _ = trainer.fuse(a, b, c)
@@ -88,15 +155,21 @@ def test_discriminator_step_sends_no_gradient_into_generator():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.D.parameters())
 
 
-def test_generator_step_leaves_discriminator_weights_alone():
+def test_generator_step_computes_no_gradient_for_the_discriminator(make_trainer):
     trainer = make_trainer()
-    before = [p.clone() for p in trainer.D.parameters()]
-    trainer.generator_step(*triplet())
-    assert all(torch.equal(x, p) for x, p in zip(before, trainer.D.parameters()))
+    a, b, c = triplet()
+    fakes, _ = trainer.generator_step(a, b, c)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())  # G's own update ran
+    assert all(p.grad is None for p in trainer.D.parameters())  # D was frozen: no backward into its weights
+    # ...and is trainable again afterwards: the D step that follows computes its gradient and moves it.
     assert all(p.requires_grad for p in trainer.D.parameters())
+    before = [p.detach().clone() for p in trainer.D.parameters()]
+    trainer.discriminator_step(c, fakes)
+    assert all(p.grad is not None for p in trainer.D.parameters())
+    assert any(not torch.equal(x, p) for x, p in zip(before, trainer.D.parameters()))
 
 
-def test_wgan_clipping_bounds_every_discriminator_weight():
+def test_wgan_clipping_bounds_every_discriminator_weight(make_trainer):
     trainer = make_trainer(gan="wgan", clip=0.005, lr_d=0.5)  # a huge lr would push weights far out
     trainer.step(*triplet())
     weights = torch.cat([p.detach().flatten() for p in trainer.D.parameters()])
@@ -104,47 +177,144 @@ def test_wgan_clipping_bounds_every_discriminator_weight():
     assert weights.abs().max() > 0.004  # clipping bit: the big step went past the bound
 
 
-class ConstantNoise(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.value = nn.Parameter(torch.full((1, 1, 1, 1), 0.1))
+# ------------------------------------------------------------------ the losses and the recipe's options
 
-    def forward(self, x):
-        return self.value.expand_as(x)
+@pytest.mark.parametrize("options, fake_weight, lam", [
+    ({}, 0.1, 6.0),                                   # the published LSGAN recipe
+    ({"gan": "wgan"}, 1 / 6, 6.0),                    # WGAN: the six fakes weigh as much as the real image
+    ({"d_fake_weight": 0.5, "lam": 2.0}, 0.5, 2.0),   # --d_fake_weight and --lam are what the losses use
+], ids=["lsgan", "wgan", "d_fake_weight-lam"])
+def test_discriminator_and_generator_losses(make_trainer, options, fake_weight, lam):
+    """D: GAN(D(C_C), real) + d_fake_weight x 6 x GAN(D(six fakes), fake); G: 6 x GAN(D(six fakes), real) +
+    lam x identity; GAN = MSE against 1 / 0 for lsgan, -mean / +mean for wgan."""
+    critic = KnownCritic()
+    trainer = make_trainer(generator=BlurResidual(), discriminator=critic, zero_mean=False, **options)
+    assert trainer.d_fake_weight == pytest.approx(fake_weight) and trainer.args.lam == lam
+    a, b, _ = triplet()
+    c = 0.8 + 0.2 * torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))  # real: brighter, other scores
+    with torch.no_grad():
+        fake_list, (noise_a, noise_b) = trainer.fuse(a, b, c)
+        fakes = torch.cat(fake_list)
+        real_scores, fake_scores = critic(c), critic(fakes)
+    if trainer.args.gan == "lsgan":
+        ones, zeros = torch.ones_like(fake_scores), torch.zeros_like(fake_scores)
+        want_d = F.mse_loss(real_scores, ones[:len(c)]) + fake_weight * 6 * F.mse_loss(fake_scores, zeros)
+        want_adversarial = 6 * F.mse_loss(fake_scores, ones)
+    else:
+        want_d = -real_scores.mean() + fake_weight * 6 * fake_scores.mean()
+        want_adversarial = -6 * fake_scores.mean()
+    c_a1, c_b1, c_a2, c_b2, c_c1, c_c2 = fake_list
+    want_identity = ((c_a1 - c_a2).abs().mean() + (c_b1 - c_b2).abs().mean()
+                     + (c_c1 - c).abs().mean() + (c_c2 - c).abs().mean())
+    loss, adversarial, identity = trainer.generator_loss(fakes, c, noise_a, noise_b)
+    assert adversarial.item() == pytest.approx(want_adversarial.item(), rel=1e-6)
+    assert identity.item() == pytest.approx(want_identity.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(want_adversarial.item() + lam * want_identity.item(), rel=1e-6)
+    assert trainer.discriminator_step(c, fakes) == pytest.approx(want_d.item(), rel=1e-6, abs=1e-7)
 
 
-class BlurResidual(nn.Module):
-    """A crude but input-dependent denoiser: noise = x - blur(x)."""
+def test_sigma_rep_adds_the_repulsion_term_to_the_generator_loss(make_trainer):
+    a, b, c = triplet()
+    losses = {}
+    for sigma_rep in (0.0, 0.5):
+        trainer = make_trainer(generator=BlurResidual(), discriminator=KnownCritic(), zero_mean=False, sigma_rep=sigma_rep)
+        with torch.no_grad():
+            fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
+            losses[sigma_rep] = trainer.generator_loss(torch.cat(fakes), c, noise_a, noise_b)[0].item()
+    repulsion = 0.5 * (torch.exp(-(noise_a - noise_b).abs().mean()) - 1).item()
+    assert repulsion < -1e-3  # N_A != N_B: a real, negative term
+    assert losses[0.5] - losses[0.0] == pytest.approx(repulsion, rel=1e-4)
 
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(self, x):
-        return self.scale * (x - F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False))
+def test_replay_buffer_keeps_the_first_fakes_then_swaps_about_half():
+    torch.manual_seed(0)
+    pool = trainers.ReplayBuffer(4)
+    first = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2)
+    assert torch.equal(pool(first), first)  # filling: the fakes pass through...
+    assert len(pool.images) == 4 and all(torch.equal(x, y) for x, y in zip(pool.images, first))  # ...and are stored
+    later = (100 + torch.arange(400.0)).view(400, 1, 1, 1).expand(400, 1, 2, 2)
+    out = pool(later)
+    swapped = [i for i in range(400) if not torch.equal(out[i], later[i])]
+    assert 160 <= len(swapped) <= 240  # each fake swapped with probability 1/2: 200 +- 10
+    for i in swapped:  # a swapped-in image is a stored one: one of the first four, or an earlier fake of this batch
+        value = out[i, 0, 0, 0].item()
+        assert value in (0, 1, 2, 3) or 100 <= value < 100 + i
+    assert len(pool.images) == 4
+    assert trainers.ReplayBuffer(0)(later) is later  # --pool_size 0: off
 
+
+def test_pool_size_shows_d_stored_fakes(make_trainer):
+    critic = KnownCritic()
+    trainer = make_trainer(generator=BlurResidual(), discriminator=critic, pool_size=12)
+    assert trainer.replay.size == 12
+    c = triplet()[2]
+    first, second = (torch.cat(trainer.fuse(*triplet(seed=seed))[0]).detach() for seed in (1, 2))
+    trainer.discriminator_step(c, first)  # fills the pool: all 12 fakes of the first step
+    torch.testing.assert_close(critic.seen[-1][2:], first)
+    trainer.discriminator_step(c, second)
+    shown = critic.seen[-1][2:]
+    from_first = [i for i in range(12) if any(torch.equal(shown[i], old) for old in first)]
+    # each fake shown is its own, one stored at the first step, or one of this step's stored when an earlier one was swapped
+    assert all(i in from_first or any(torch.equal(shown[i], new) for new in second[:i + 1]) for i in range(12))
+    assert 0 < len(from_first) < 12, from_first  # some of D's fakes are the stored ones
+
+
+# ------------------------------------------------------------------ the collapse guard and the EMA
 
 @pytest.mark.parametrize("generator, fires", [(ConstantNoise, True), (BlurResidual, False)])
-def test_collapse_guard(generator, fires):
-    trainer = trainers.TCFLTrainer(trainer_args(), generator=generator())
+def test_collapse_guard(make_trainer, generator, fires):
+    trainer = make_trainer(generator=generator())
     stats = trainer.step(*triplet())
     assert (trainers.collapse_warning(stats) is not None) == fires
 
 
-def test_collapse_guard_silent_for_trained_checkpoint_generator():
-    # DnCNN after a few real steps on speckle must not look collapsed.
-    trainer = make_trainer()
-    for seed in range(3):
-        stats = trainer.step(*triplet(seed=seed))
+def test_collapse_guard_silent_for_the_shipped_checkpoint_on_speckle():
+    """The shipped generator on synthetic speckle crops is no collapse; a constant-noise G is."""
+    net = models.load_checkpoint(SHIPPED)[0].net
+    crops = np.stack([synthetic.noisy_clean_pair(seed, 128, 128)[0][32:96, 32:96] for seed in range(4)])
+    inputs = torch.from_numpy(crops)[:, None]
+    with torch.no_grad():
+        noise = net(inputs)
+        constant = ConstantNoise()(inputs)
+    stats = trainers.collapse_stats(noise, inputs)
+    assert stats["noise_distance"] / stats["input_distance"] > 0.1  # measured 0.65: far above the 0.01 tolerance
     assert trainers.collapse_warning(stats) is None
+    assert trainers.collapse_warning(trainers.collapse_stats(constant, inputs)) is not None
 
 
-def test_ema_follows_generator():
-    trainer = make_trainer(ema=0.5)
+def test_collapse_tol_is_the_tolerance_the_training_log_checks(tmp_path, capsys, trainer_args):
+    """train.py --collapse_tol reaches the guard: a tolerance above the ratio fires, one below does not."""
+    base = {"loss_g": 1.0, "loss_d": 1.0, "adversarial": 0.5, "identity": 0.1, "noise_mean": 0.0}
+    by_distance = {**base, "noise_distance": 0.05, "input_distance": 1.0, "noise_spread": 1.0}  # |N_A - N_B| 5 %
+    by_spread = {**base, "noise_distance": 1.0, "input_distance": 1.0, "noise_spread": 0.05}  # spread 5 %
+    for k, stats in enumerate((by_distance, by_spread)):
+        assert trainers.collapse_warning(stats, 0.1) is not None and trainers.collapse_warning(stats, 0.01) is None
+        for tolerance, fires in ((0.1, True), (0.01, False)):
+            ckpt_dir = tmp_path / f"{k}-{tolerance}"
+            ckpt_dir.mkdir()
+            run = train.Run(trainer_args(collapse_tol=tolerance, log_every=1, ckpt_dir=str(ckpt_dir)), None, [],
+                            ddp=False, rank=0, world=1, steps_per_epoch=10)
+            run.step = 1
+            run.log(stats, epoch_done=False, last=False)
+            assert ("generator collapse" in capsys.readouterr().out) == fires, (tolerance, stats)
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.1], ids=["warm-up", "decay"])
+def test_ema_after_one_step_is_the_warm_up_weighted_average(make_trainer, decay):
+    """ema = d x initial + (1 - d) x live with d = min(decay, (1 + n) / (10 + n)), n = 1 update."""
+    trainer = make_trainer(ema=decay, lr_g=1e-2)  # a big step, so a wrong weight shows
+    initial = [p.detach().clone() for p in trainer.model.parameters()]
+    assert all(torch.equal(e, p) for e, p in zip(trainer.ema.parameters(), initial))
     trainer.step(*triplet())
-    live = torch.cat([p.flatten() for p in trainer.model.parameters()])
-    ema = torch.cat([p.flatten() for p in trainer.ema.parameters()])
-    assert not torch.equal(live, ema) and (live - ema).abs().max() < 1
+    d = min(decay, (1 + 1) / (10 + 1))
+    assert trainer.ema_updates == 1
+    live = list(trainer.model.parameters())
+    assert max((p - q).abs().max().item() for p, q in zip(live, initial)) > 1e-3  # G moved
+    for ema, start, now in zip(trainer.ema.parameters(), initial, live):
+        torch.testing.assert_close(ema, d * start + (1 - d) * now.detach(), rtol=1e-6, atol=1e-7)
+    for ema, now in zip(trainer.ema.buffers(), trainer.model.buffers()):  # BN statistics: copied
+        assert torch.equal(ema, now)
+    assert trainer.denoiser().net is trainer.ema  # what validation and the checkpoint's inference use
 
 
 # ------------------------------------------------------------------ train.py
@@ -162,22 +332,33 @@ def log_rows(tmp_path):
 
 
 def test_train_writes_checkpoint_figure_log_and_evaluates(tmp_path):
-    run_train(tmp_path, "--niter", "1")
+    run_train(tmp_path, "--niter", "1", "--lr_g", "1e-2")  # a big lr: 4 steps take G's EMA far from the live G
     path = tmp_path / "ckpt" / "epoch_1.pth"
     state = torch.load(path, weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 4 and state["backbone"] == "dncnn" and state["method"] == "tcfl"
-    assert {"generator", "discriminator", "opt_g", "opt_d", "rng", "args", "history"} <= set(state)
+    assert {"generator", "generator_ema", "discriminator", "opt_g", "opt_d", "rng", "args", "history"} <= set(state)
     assert isinstance(state["args"], dict) and state["args"]["batch_size"] == 2
     assert not any(k.startswith("module.") for k in state["generator"])
     assert (tmp_path / "img" / "epoch_1.png").is_file() and (tmp_path / "ckpt" / "opt.txt").is_file()
-    assert len(log_rows(tmp_path)) == 4 and state["history"][-1]["val_psnr"] > 0
-    assert 0 < state["history"][-1]["val_ssim"] <= 1 and float(log_rows(tmp_path)[-1]["val_ssim"]) > 0
-    summary = evaluate.main(["--epoch", "1", "--ckpt_dir", str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "ev"),
-                             "--json", str(tmp_path / "ev.json")])
-    assert summary["n_images"] == 8 and np.isfinite(summary["mean"]["PSNR"])
+    rows, recorded = log_rows(tmp_path), state["history"][-1]
+    assert len(rows) == 4 and recorded["epoch"] == 1 and recorded["step"] == 4
+    # The validation score train.py recorded is what evaluate.py gives the checkpoint on the same held-back
+    # image (--split val reads the run's --n_val 1 from the checkpoint): both denoise with the EMA weights.
+    summary = evaluate.main(["--epoch", "1", "--ckpt_dir", str(tmp_path / "ckpt"), "--split", "val",
+                             "--out_dir", str(tmp_path / "ev"), "--json", str(tmp_path / "ev.json")])
+    assert [row["id"] for row in summary["per_image"]] == ["val_0"]
+    assert recorded["val_psnr"] == pytest.approx(summary["mean"]["PSNR"], abs=1e-4)
+    assert recorded["val_ssim"] == pytest.approx(summary["mean"]["SSIM"], abs=1e-6)
+    live = models.build_generator("dncnn")
+    live.load_state_dict(state["generator"])
+    sample = scoring.load_scoring_pairs(Namespace(dataset="synthetic", data_root=None, split="val"), state["args"])[0]
+    live_psnr = utils.psnr(sample.clean, models.Denoiser(live.eval(), zero_mean=True)(sample.noisy))
+    assert abs(live_psnr - recorded["val_psnr"]) > 0.01  # measured ~6 dB: the comparison can tell EMA from live weights
+    assert float(rows[-1]["val_psnr"]) == pytest.approx(recorded["val_psnr"], abs=1e-3)  # the log's 6 digits
     assert (tmp_path / "ev.json").is_file() and (tmp_path / "ev" / "comparison.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "a", tmp_path / "b"
     run_train(straight, "--max_steps", "6", "--niter", "2")
@@ -192,6 +373,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_columns_of_a_log_begun_without_val_ssim(tmp_path):
     run_train(tmp_path, "--max_steps", "3", "--niter", "2")
     with open(tmp_path / "ckpt" / "log.csv") as f:
@@ -276,6 +458,7 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "ckpt" / "epoch_1.pth", weights_only=True)["step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_real_signal_stops_a_running_train_py_with_a_checkpoint(tmp_path, signum):
     """A real process and a real signal. SIGINT starts ignored, as in a shell's background job."""
@@ -324,7 +507,7 @@ def test_wrong_architecture_checkpoint_is_one_clear_error(tmp_path):
         models.load_checkpoint(path)
 
 
-def test_identity_losses_are_blind_to_a_constant_offset_which_zero_mean_removes():
+def test_identity_losses_are_blind_to_a_constant_offset_which_zero_mean_removes(trainer_args):
     """Why --zero_mean exists: G + c gives the same identity loss, so only D would pin c."""
     torch.manual_seed(0)
     base = BlurResidual()
@@ -363,9 +546,7 @@ def test_epoch_best_picks_the_highest_validation_psnr(tmp_path):
         evaluate.main(["--epoch", "best", "--ckpt_dir", str(tmp_path)])
 
 
-
 def test_evaluate_split_val_scores_the_images_train_py_validates_on():
-    from argparse import Namespace
     from datasets import load_unpaired
     samples = scoring.load_scoring_pairs(Namespace(dataset="synthetic", data_root=None, split="val"))
     validation = load_unpaired("synthetic", None, "train", n_val=2)[2]
