@@ -12,9 +12,10 @@ run as two batched calls, and D sees all six fakes in one call.
 Every method builds its own networks, declares the data it trains on (`data`) and the
 method-specific options it reads (`reads`), and implements step(a, b, c) -> dict of floats
 (the keys train.py logs). The base owns what they share: the inference module (noisy ->
-noise) and its EMA copy, optimisers, the cosine schedule, a private random generator (so a
-resumed run draws what an uninterrupted one would), the collapse statistics and the
-checkpoint layout.
+noise) and its EMA copy, optimisers, the cosine schedule, a private random generator for the
+methods' own draws (so a resumed run draws what an uninterrupted one would; TCFL's replay
+buffer and noise scales use torch's global generator, whose state every checkpoint keeps too),
+the collapse statistics and the checkpoint layout.
 """
 import copy
 import math
@@ -114,8 +115,8 @@ def collapse_warning(stats, tolerance=0.01):
     if ratio < tolerance or stats["noise_spread"] < tolerance * stats["input_distance"]:
         return (f"WARNING: generator collapse: |N_A - N_B| = {stats['noise_distance']:.2e} "
                 f"({ratio:.1%} of |I_A - I_B|), spread across the batch {stats['noise_spread']:.2e}: "
-                "G outputs (nearly) the same tensor for every input, the trivial solution of the "
-                "identity losses. Raise the GAN weight / D learning rate, or see README 'Collapse'.")
+                "the model outputs (nearly) the same noise for every input, a trivial solution of its "
+                "losses (TCFL: raise the GAN weight or D's learning rate; docs/training.md 'The collapse').")
     return None
 
 
