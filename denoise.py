@@ -22,7 +22,7 @@ from utils import DataError
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "ckpt" / "tcfl_duke28_G.pth"
 # The single-B-scan baselines (BM4D needs registered neighbours, which a folder of files does not give).
-CLASSICAL = {"bm3d": baselines.BM3D, "nlm": baselines.NLM}
+CLASSICAL = {key: spec for key, spec in baselines.CLASSICAL.items() if not spec.volume}
 
 
 def expand_inputs(inputs):

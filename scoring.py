@@ -175,6 +175,11 @@ def run_denoiser(denoise, method, args, volume=False):
                  out_dir / "scores.csv", args.json, bscans=len(jobs[0][1]) if volume else 1)
 
 
+def baseline_cli(baseline, description):
+    """The main(argv=None) of a classical baseline script: baseline_main with its spec and help text."""
+    return functools.partial(baseline_main, baseline, description)
+
+
 def baseline_main(baseline, description, argv=None):
     """The command line of a classical baseline script (BM3D.py, NLM.py, blur.py, BM4D.py): denoise and
     score --dataset/--split with the tuned defaults or --<param> values, or --tune on a training split."""

@@ -91,3 +91,15 @@ def save(name, payload):
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"results: {path}")
     return path
+
+
+def test_samples(dataset, size=256, quick=False):
+    """(dataset, the test split's samples): duke28 from ../shared/data (the synthetic set when that
+    is absent, said once), or the built-in synthetic set at size x size; --quick: the first two."""
+    import datasets
+    data = SHARED_DATA / "duke_bioptigen"
+    if dataset == "duke28" and not data.is_dir():
+        print(f"{data} not found: running on the synthetic set instead")
+        dataset = "synthetic"
+    samples = datasets.load_pairs(dataset, data if dataset == "duke28" else None, "test", synthetic_size=size)
+    return dataset, samples[:2] if quick else samples

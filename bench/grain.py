@@ -18,7 +18,6 @@ import torch
 
 from common import SHARED_DATA, save
 
-import evaluate
 import models
 import scoring
 import trainers

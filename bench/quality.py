@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from common import ROOT, SHARED_DATA, machine, save
+from common import ROOT, SHARED_DATA, machine, save, test_samples
 
 import baselines
 import datasets
@@ -181,19 +181,13 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256, help="synthetic image size")
     args = parser.parse_args(argv)
     info = machine()
-    data = SHARED_DATA / "duke_bioptigen"
-    if args.dataset == "duke28" and not data.is_dir():
-        print(f"{data} not found: running on the synthetic set instead")
-        args.dataset = "synthetic"
-    samples = datasets.load_pairs(args.dataset, data if args.dataset == "duke28" else None, "test", synthetic_size=args.size)
-    if args.quick:
-        samples = samples[:2]
+    args.dataset, samples = test_samples(args.dataset, args.size, args.quick)
     summaries, outputs = score_rows(samples, args.dataset, "test", args)
     table = markdown(summaries)
     print(f"\n{args.dataset} test split, {len(samples)} images, mean ± std\n{table}")
     all_subjects = None
     if args.dataset == "duke28" and not args.quick:  # the classical rows need no training data: all 15 subjects
-        every = datasets.load_pairs("duke28", data, "all")
+        every = datasets.load_pairs("duke28", SHARED_DATA / "duke_bioptigen", "all")
         all_subjects, _ = score_rows(every, "duke28", "all", args, networks=False)
         print(f"\nduke28, all {len(every)} subjects, classical rows\n{markdown(all_subjects)}")
     if args.no_save:

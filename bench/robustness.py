@@ -26,11 +26,10 @@ import functools
 import numpy as np
 from tqdm import tqdm
 
-from common import ROOT, SHARED_DATA, machine, save
+from common import ROOT, machine, save, test_samples
 from quality import shipped_checkpoints, timed
 
 import baselines
-import datasets
 import models
 import scoring
 
@@ -172,13 +171,7 @@ def main(argv=None):
     table = method_table()
     keys = choose(args.methods, table, args.quick)
     info = machine()
-    data = SHARED_DATA / "duke_bioptigen"
-    if args.dataset == "duke28" and not data.is_dir():
-        print(f"{data} not found: running on the synthetic set instead")
-        args.dataset = "synthetic"
-    samples = datasets.load_pairs(args.dataset, data if args.dataset == "duke28" else None, "test", synthetic_size=args.size)
-    if args.quick:
-        samples = samples[:2]
+    args.dataset, samples = test_samples(args.dataset, args.size, args.quick)
 
     levels, results = run(make_levels(args.dataset, samples), keys, table, args.dataset)
     tables = {"PSNR": markdown(levels, results, "PSNR", 2), "SSIM": markdown(levels, results, "SSIM", 3)}

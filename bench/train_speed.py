@@ -16,7 +16,7 @@ import torch
 from common import bf16_is_native, bf16_probe, machine, matmul_gflops, save, timeit
 
 import models
-import train
+import options
 import trainers
 
 
@@ -104,7 +104,7 @@ def main(argv=None):
                 print(f"batch {batch:2d} {name:<28} skipped: bf16 is emulated here (see above)")
                 continue
             torch.manual_seed(0)
-            opts = train.parse_args(["--gan", "lsgan"] + (["--bf16"] if switches.get("bf16") else []))  # published loss
+            opts = options.parse_args(["--gan", "lsgan"] + (["--bf16"] if switches.get("bf16") else []))  # published loss
             G, D = models.build_generator("dncnn").to(device), models.build_discriminator().to(device)
             x = (a, b, c)
             if switches.get("channels_last"):

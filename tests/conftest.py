@@ -14,7 +14,7 @@ for _path in (ROOT / "bench", ROOT):  # the root ends up first: its modules win 
         sys.path.insert(0, str(_path))
 
 import synthetic  # noqa: E402
-import train  # noqa: E402
+import options  # noqa: E402
 
 
 def pytest_configure(config):
@@ -97,10 +97,10 @@ def fake_duke28():
 # ---------------------------------------------------------------- train.py's options
 
 def make_trainer_args(*argv, **overrides):
-    """train.parse_args(argv + overrides): overrides by option name (lam=3, frozen_bn=True, zero_mean=False,
+    """options.parse_args(argv + overrides): overrides by option name (lam=3, frozen_bn=True, zero_mean=False,
     noise_scale=[0.5, 2]) go through the parser, so they are checked against the method and the
     learning rates' defaults follow --gan, as on the command line."""
-    actions = {action.dest: action for action in train.get_parser()._actions}
+    actions = {action.dest: action for action in options.get_parser()._actions}
     argv = list(argv)
     for name, value in overrides.items():
         action = actions[name]  # KeyError: not an option of train.py
@@ -116,7 +116,7 @@ def make_trainer_args(*argv, **overrides):
             argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
-    return train.parse_args(argv)
+    return options.parse_args(argv)
 
 
 @pytest.fixture

@@ -1,24 +1,27 @@
-"""BM3D.py and NLM.py: each denoiser improves a small synthetic B-scan, keeps shape,
-dtype and range, the 16-bit NLM path keeps precision, and both scripts run end to
-end on a tiny fake duke28 tree (JSON summary, one-line error for a missing folder)."""
+"""The classical baselines: BM3D and NLM each improve a small synthetic B-scan, keep shape,
+dtype and range, the 16-bit NLM path keeps precision; all four scripts (blur.py, BM3D.py, NLM.py,
+BM4D.py) run end to end on a tiny fake duke28 tree (JSON summary with the B-scans read per output,
+one-line errors for a missing folder and for tuning on test subjects)."""
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import BM3D  # noqa: E402
-import baselines  # noqa: E402
-import NLM  # noqa: E402
-import synthetic  # noqa: E402
-from utils import psnr  # noqa: E402
+import BM3D
+import BM4D
+import baselines
+import scoring
+import NLM
+import blur
+import synthetic
+from conftest import write_duke28
+from utils import psnr
 
-SCRIPTS = {"BM3D": BM3D, "NLM": NLM}
+SCRIPTS = {"BM3D": BM3D, "NLM": NLM, "blur": blur, "BM4D": BM4D}
+BSCANS = {"BM3D": 1, "NLM": 1, "blur": 1, "BM4D": 5}
 DENOISERS = {"BM3D": baselines.bm3d_denoise, "NLM": baselines.nlm_denoise}
 JSON_KEYS = {"method", "dataset", "split", "n_images", "bscans", "mean", "std", "noisy_mean", "noisy_std",
              "seconds_per_image", "per_image"}
@@ -72,12 +75,9 @@ def test_nlm_16bit_path_keeps_precision():
         assert np.abs(out[inner] - image[inner]).max() < 0.25 / 255
 
 
-def write_fake_duke28(root, n=2, height=48, width=96):
-    for i in range(1, n + 1):
-        noisy, clean = synthetic.noisy_clean_pair(i, height, width)
-        (root / str(i)).mkdir(parents=True)
-        tifffile.imwrite(root / str(i) / "test.tif", np.round(noisy * 255).astype(np.uint8))
-        tifffile.imwrite(root / str(i) / "average.tif", np.round(clean * 255).astype(np.uint8))
+def write_fake_duke28(root):
+    """Subjects 1 and 2 of 48 x 96 with their 4 neighbouring B-scans (BM4D reads them)."""
+    return write_duke28(root, ids=(1, 2), neighbours=(1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -90,6 +90,7 @@ def test_main_end_to_end(name, tmp_path):
     saved = json.loads(json_path.read_text())
     assert set(saved) == JSON_KEYS
     assert saved["method"] == name and saved["dataset"] == "duke28" and saved["split"] == "all"
+    assert saved["bscans"] == BSCANS[name]
     assert saved["n_images"] == 2 and saved["seconds_per_image"] > 0
     assert saved["mean"]["PSNR"] > saved["noisy_mean"]["PSNR"] + 5
     assert summary["mean"]["PSNR"] == pytest.approx(saved["mean"]["PSNR"])
@@ -132,8 +133,8 @@ def test_tune_refuses_any_split_with_test_subjects(name, split, tmp_path):
 def test_tune_table(tmp_path, capsys, monkeypatch):
     root = tmp_path / "duke"
     write_fake_duke28(root)
-    monkeypatch.setattr(baselines, "NLM", dataclasses.replace(baselines.NLM, tune_grid={"lateral_bin": (1, 2), "h": (10, 20)}))
+    small_grid = dataclasses.replace(baselines.NLM, tune_grid={"lateral_bin": (1, 2), "h": (10, 20)})
     (root / "splits.json").write_text('{"train": [1, 2], "test": []}')
-    rows = NLM.main(["--dataset", "duke28", "--data_root", str(root), "--split", "train", "--tune"])
+    rows = scoring.baseline_main(small_grid, NLM.__doc__, ["--dataset", "duke28", "--data_root", str(root), "--split", "train", "--tune"])
     assert len(rows) == 4
     assert "best: --lateral_bin" in capsys.readouterr().out

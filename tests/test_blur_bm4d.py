@@ -1,26 +1,22 @@
 """blur.py and BM4D.py: each denoiser improves a small synthetic B-scan (BM4D from a stack of
 noisy repeats of the same phantom, and more than from copies of the B-scan alone), keeps
-shape, dtype and range; BM4D keeps the central B-scan; both scripts run end to end on a tiny
-fake duke28 tree with 1..4.tif neighbours (JSON summary with the B-scans read per output,
-images), BM4D without neighbours is a one-line error naming the image, --tune refuses splits
-holding test subjects and prints its table, and the synthetic default runs."""
+shape, dtype and range; BM4D keeps the central B-scan; BM4D without
+neighbours is a one-line error naming the image, --tune prints its table, and the synthetic
+default runs (the end-to-end script tests of all four baselines: tests/test_baselines.py)."""
 
 import dataclasses
-import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import BM4D  # noqa: E402
-import baselines  # noqa: E402
-import blur  # noqa: E402
-import datasets  # noqa: E402
-import synthetic  # noqa: E402
-from utils import psnr  # noqa: E402
+import BM4D
+import baselines
+import scoring
+import blur
+import datasets
+import synthetic
+from conftest import write_duke28
+from utils import psnr
 
 SCRIPTS = {"blur": blur, "BM4D": BM4D}
 BSCANS = {"blur": 1, "BM4D": 5}
@@ -88,43 +84,10 @@ def test_bm4d_refuses_a_single_bscan():
         baselines.bm4d_denoise(np.zeros((40, 64), np.float32))
 
 
-def write_fake_duke28(root, n=2, height=48, width=96, neighbours=(1, 2)):
-    """Subjects 1..n: test.tif, average.tif and, for the subjects in neighbours, 1..4.tif."""
-    data = synthetic.SyntheticOCT(n_test=n, height=height, width=width)
-    for i in range(1, n + 1):
-        noisy, clean = data.test_pair(i - 1)
-        folder = root / str(i)
-        folder.mkdir(parents=True)
-        tifffile.imwrite(folder / "test.tif", np.round(noisy * 255).astype(np.uint8))
-        tifffile.imwrite(folder / "average.tif", np.round(clean * 255).astype(np.uint8))
-        if i in neighbours:
-            for k, image in enumerate(data.test_neighbours(i - 1), start=1):
-                tifffile.imwrite(folder / f"{k}.tif", np.round(image * 255).astype(np.uint8))
-
-
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_main_end_to_end(name, tmp_path):
-    root = tmp_path / "duke"
-    write_fake_duke28(root)
-    out_dir, json_path = tmp_path / "out", tmp_path / "out.json"
-    summary = SCRIPTS[name].main(["--dataset", "duke28", "--data_root", str(root), "--split", "all",
-                                  "--json", str(json_path), "--out_dir", str(out_dir)])
-    saved = json.loads(json_path.read_text())
-    assert set(saved) == JSON_KEYS
-    assert saved["method"] == name and saved["dataset"] == "duke28" and saved["split"] == "all"
-    assert saved["bscans"] == BSCANS[name]
-    assert saved["n_images"] == 2 and saved["seconds_per_image"] > 0
-    assert saved["mean"]["PSNR"] > saved["noisy_mean"]["PSNR"] + 5
-    assert summary["mean"]["PSNR"] == pytest.approx(saved["mean"]["PSNR"])
-    for i in (1, 2):  # written back at the input's bit depth
-        written = tifffile.imread(out_dir / f"{i}.tif")
-        assert written.dtype == np.uint8 and written.shape == (48, 96)
-    assert (out_dir / "scores.csv").is_file()
-
-
 def test_bm4d_without_neighbours_is_one_line_error(tmp_path):
     root = tmp_path / "duke"
-    write_fake_duke28(root, neighbours=(1,))  # subject 2 has no 1..4.tif
+    write_duke28(root, ids=(1,), neighbours=(1, 2, 3, 4))
+    write_duke28(root, ids=(2,))  # subject 2 has no 1..4.tif
     with pytest.raises(SystemExit) as exit_info:
         BM4D.main(["--dataset", "duke28", "--data_root", str(root), "--split", "all", "--out_dir", str(tmp_path / "o")])
     message = str(exit_info.value.code)
@@ -132,27 +95,15 @@ def test_bm4d_without_neighbours_is_one_line_error(tmp_path):
     assert "image '1'" not in message and "\n" not in message
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-@pytest.mark.parametrize("split", ["test", "all"])
-def test_tune_refuses_any_split_with_test_subjects(name, split, tmp_path):
-    root = tmp_path / "duke"
-    write_fake_duke28(root)
-    (root / "splits.json").write_text('{"train": [1], "test": [2]}')
-    with pytest.raises(SystemExit) as exit_info:
-        SCRIPTS[name].main(["--dataset", "duke28", "--data_root", str(root), "--split", split, "--tune"])
-    message = str(exit_info.value.code)
-    assert message.startswith("error: --tune") and "holds test images" in message and "\n" not in message
-
-
 @pytest.mark.parametrize("name, grid", [("blur", {"sigma_axial": (1.0, 2.0), "sigma_lateral": (4.0, 8.0)}),
                                         ("BM4D", {"lateral_bin": (4,), "sigma_factor": (3.0,)})])
 def test_tune_table(name, grid, tmp_path, capsys, monkeypatch):
     root = tmp_path / "duke"
-    write_fake_duke28(root)
+    write_duke28(root, ids=(1, 2), neighbours=(1, 2, 3, 4))
     (root / "splits.json").write_text('{"train": [1], "test": [2]}')
     spec = {"blur": "BLUR", "BM4D": "BM4D"}[name]
-    monkeypatch.setattr(baselines, spec, dataclasses.replace(getattr(baselines, spec), tune_grid=grid))
-    rows = SCRIPTS[name].main(["--dataset", "duke28", "--data_root", str(root), "--split", "train", "--tune"])
+    small_grid = dataclasses.replace(getattr(baselines, spec), tune_grid=grid)
+    rows = scoring.baseline_main(small_grid, SCRIPTS[name].__doc__, ["--dataset", "duke28", "--data_root", str(root), "--split", "train", "--tune"])
     assert len(rows) == int(np.prod([len(values) for values in grid.values()]))
     assert all(mean_psnr > 20 for mean_psnr, _, _ in rows)  # denoised, so the volume reached BM4D
     assert f"best: --{next(iter(grid))}" in capsys.readouterr().out

@@ -1,0 +1,91 @@
+"""train.py's options: one place, as in CycleGAN's options/ (printed at start and saved beside the
+checkpoints as opt.txt / opt.json by train.py). parse_args() also checks them against the method.
+"""
+import argparse
+
+import models
+import trainers
+from utils import DataError, check_lateral_bin
+
+
+def parse_args(argv=None):
+    """The options, checked against the method, with the learning rates' defaults filled in for the chosen loss."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    unread = trainers.TRAINERS[args.method].unread_options(args, vars(parser.parse_args([])))
+    if unread:
+        raise DataError(f"--method {args.method} does not read {', '.join('--' + name for name in unread)}: "
+                        "drop the option(s) or pick the method that uses them")
+    low, high = args.noise_scale
+    if not 0 <= low <= high:
+        raise DataError(f"--noise_scale needs 0 <= LO <= HI, got {low} {high}")
+    check_lateral_bin(args.lateral_bin)
+    # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
+    # short runs (docs/training.md: the WGAN sweep). Filled in here so that opt.json records the value used.
+    default_lr = 5e-5 if args.gan == "wgan" else 2e-4
+    args.lr_g = default_lr if args.lr_g is None else args.lr_g
+    args.lr_d = default_lr if args.lr_d is None else args.lr_d
+    return args
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "pku37", "duke28"])
+    g.add_argument("--data_root", default=None)
+    g.add_argument("--split", default="train", help="split of duke28's splits.json to train on")
+    g.add_argument("--n_val", type=int, default=2, help="training-split images held back for validation")
+    g.add_argument("--patch_size", type=int, default=64)
+    g.add_argument("--lateral_bin", type=int, default=1,
+                   help="train on B-scans binned N:1 along the lateral axis, as BM3D.py/NLM.py denoise (OCT speckle "
+                        "grain is longer laterally); saved in the checkpoint, so evaluate.py/denoise.py bin the same way")
+    g.add_argument("--epoch_size", type=int, default=100, help="triplets drawn per epoch")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--method", default="tcfl", choices=list(trainers.TRAINERS))
+    g.add_argument("--backbone", default="dncnn", choices=list(models.GENERATORS))
+    g.add_argument("--frozen_bn", action="store_true", help="BatchNorm on running statistics only")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--niter", type=int, default=5, help="epochs")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    g.add_argument("--batch_size", type=int, default=4, help="triplets per step (per process under torchrun)")
+    g.add_argument("--lr_g", type=float, default=None, help="default: 5e-5 for tcfl with --gan wgan, else 2e-4")
+    g.add_argument("--lr_d", type=float, default=None, help="default: as --lr_g")
+    g.add_argument("--gan", default="lsgan", choices=["lsgan", "wgan", "vanilla"],
+                   help="lsgan: the published loss (Adam); wgan: a critic with weight clipping (RMSprop), see README")
+    g.add_argument("--lam", type=float, default=6.0, help="identity loss weight")
+    g.add_argument("--d_fake_weight", type=float, default=None,
+                   help="weight of the six fakes in D's loss (default: 0.1 as published; 1/6 for wgan)")
+    g.add_argument("--clip", type=float, default=0.01, help="WGAN critic weight clipping")
+    g.add_argument("--n_critic", type=int, default=1, help="D updates per G update")
+    g.add_argument("--sigma_tv", type=float, default=0.0, help="total-variation weight on the six estimates")
+    g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
+    g.add_argument("--noise_scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
+                   help="scale the noise re-added in P2P/C2P by a factor per image, uniform in [LO, HI] "
+                        "(1 1: the published flow); teaches G quieter and stronger speckle than the training scans'")
+    g.add_argument("--zero_mean", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove the spatial mean of G's noise estimate (zero-mean speckle prior; "
+                        "--no-zero_mean: the published recipe)")
+    g.add_argument("--pool_size", type=int, default=0, help="replay buffer of past fakes for D (0: off)")
+    g.add_argument("--cosine", action="store_true", help="decay both learning rates to 0 over the run (half cosine)")
+    g.add_argument("--ema", type=float, default=0.99, help="EMA decay of G's weights for inference (0: off)")
+    g = p.add_argument_group("other methods (--method; see trainers.py)")
+    g.add_argument("--r2r_alpha", type=float, default=0.5, help="r2r: recorruption strength alpha (input y + alpha z, target y - z / alpha)")
+    g.add_argument("--r2r_passes", type=int, default=8, help="r2r: recorrupted passes averaged at test time")
+    g.add_argument("--n2n_gamma", type=float, default=2.0, help="n2n: final weight of the consistency regulariser (ramped from 0)")
+    g = p.add_argument_group("machine")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/train_speed.py first)")
+    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    g = p.add_argument_group("output")
+    g.add_argument("--ckpt_dir", default="ckpt")
+    g.add_argument("--img_dir", default="img")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt_dir")
+    g.add_argument("--overwrite", action="store_true", help="start over even if --ckpt_dir holds checkpoints")
+    g.add_argument("--log_every", type=int, default=10, help="steps between log rows / collapse checks")
+    g.add_argument("--collapse_tol", type=float, default=0.01)
+    return p
+
+
