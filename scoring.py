@@ -7,14 +7,17 @@ another method's outputs, denoising a split with any denoise(image) function, th
 that tunes the classical baselines, and paired differences between methods with bootstrap
 intervals.
 """
+import argparse
 import csv
 import functools
 import itertools
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy import stats
 from tqdm import tqdm
@@ -183,10 +186,6 @@ def baseline_cli(baseline, description):
 def baseline_main(baseline, description, argv=None):
     """The command line of a classical baseline script (BM3D.py, NLM.py, blur.py, BM4D.py): denoise and
     score --dataset/--split with the tuned defaults or --<param> values, or --tune on a training split."""
-    import argparse
-    import sys
-
-    import cv2
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     parser.add_argument("--workers", type=int, default=1, help="images denoised at once, in processes")
