@@ -227,12 +227,18 @@ class Denoiser:
         return (total / len(views)).clamp(0, 1)
 
     def __call__(self, image):
+        """Always in eval mode (BatchNorm on its running statistics), also for a network mid-training."""
         device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
 
         def at_scale(small):
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None, None].to(device)
             return self.denoise_tensor(x)[0, 0].cpu().numpy()
-        return np.clip(at_lateral_scale(at_scale, np.asarray(image, np.float32), self.lateral_bin), 0, 1)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return np.clip(at_lateral_scale(at_scale, np.asarray(image, np.float32), self.lateral_bin), 0, 1)
+        finally:
+            self.net.train(was_training)
 
 
 # ---------------------------------------------------------------- other training methods (trainers.py, --method)

@@ -23,10 +23,9 @@ from scipy import stats
 from tqdm import tqdm
 
 import datasets
+import options
 from utils import DataError, METRICS, ROI_METRICS, all_metrics, check_lateral_bin, psnr, roi_metrics
 
-# What train.py holds back for validation unless a checkpoint says otherwise (train.py's defaults).
-VAL_DEFAULTS = {"split": "train", "n_val": 2, "seed": 0}
 
 
 def add_data_args(parser, dataset="synthetic", split="test"):
@@ -43,7 +42,8 @@ def load_scoring_pairs(args, train_args=None):
     """The pairs to score. --split val: the validation images of a training run (train_args: the
     checkpoint's options, so a run trained with --n_val 1 is validated on its own held-back subject)."""
     if args.split == "val":
-        run = {**VAL_DEFAULTS, **{k: v for k, v in (train_args or {}).items() if k in VAL_DEFAULTS}}
+        defaults = options.get_parser().parse_args([])  # what train.py holds back unless the checkpoint says otherwise
+        run = {k: (train_args or {}).get(k, getattr(defaults, k)) for k in ("split", "n_val", "seed")}
         return datasets.load_unpaired(args.dataset, args.data_root, run["split"], n_val=run["n_val"], seed=run["seed"])[2]
     return datasets.load_pairs(args.dataset, args.data_root, args.split)
 

@@ -113,11 +113,8 @@ def print_options(args, summary):
 
 
 def validate(denoiser, samples):
-    """Mean (PSNR, SSIM) of the denoised held-back training images (BN on running statistics)."""
-    net, was_training = denoiser.net, denoiser.net.training
-    net.eval()
+    """Mean (PSNR, SSIM) of the denoised held-back training images (the Denoiser runs BN on running statistics)."""
     scores = [(psnr(s.clean, out), ssim(s.clean, out)) for s in samples for out in [denoiser(s.noisy)]]
-    net.train(was_training)
     return tuple(float(v) for v in np.mean(scores, axis=0)) if scores else (float("nan"), float("nan"))
 
 
@@ -126,10 +123,7 @@ def save_figure(path, denoiser, sample):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    net, was_training = denoiser.net, denoiser.net.training
-    net.eval()
     denoised = denoiser(sample.noisy)
-    net.train(was_training)
     panels = [("noisy", sample.noisy), ("denoised", denoised), ("estimated noise", sample.noisy - denoised)]
     if sample.clean is not None:
         panels.append(("reference", sample.clean))
