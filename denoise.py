@@ -9,10 +9,12 @@ its full range) and a stack stays a stack. Nothing is overwritten without --over
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 from tqdm import tqdm
 
 import baselines
@@ -66,6 +68,19 @@ def make_denoiser(args):
     return models.load_for_options(args, models.checkpoint_path(args.ckpt, args.epoch, args.ckpt_dir))[0]
 
 
+def peak_memory():
+    """This process's peak resident memory (and the GPU's peak allocation when it ran there)."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "not measured on this system"
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    text = f"{kilobytes / 1024:.0f} MB"
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        text += f" (GPU {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB)"
+    return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or multi-page TIFF stacks")
@@ -91,16 +106,19 @@ def main(argv=None):
         raise DataError("two inputs share a file name, so their outputs would collide; denoise them separately")
     denoise = make_denoiser(args)
 
-    failed = []
+    failed, bscans, start = [], 0, time.perf_counter()
     for path in tqdm(files, desc="files", disable=len(files) == 1):
         try:
             images, dtype, is_stack = read_slices(path)
-            outputs = [denoise(image) for image in tqdm(images, desc=path.name, leave=False, disable=len(images) == 1)]
+            outputs = [denoise(image) for image in tqdm(images, desc=path.name, unit="B-scan", disable=len(images) == 1)]
             write_slices(out_dir / path.name, outputs, dtype, is_stack)
+            bscans += len(outputs)
         except DataError as error:
             tqdm.write(f"skipped: {error}")
             failed.append(str(path))
-    print(f"denoised {len(files) - len(failed)} of {len(files)} file(s) into {out_dir}")
+    seconds = time.perf_counter() - start
+    print(f"denoised {len(files) - len(failed)} of {len(files)} file(s) into {out_dir}: {bscans} B-scan(s) in "
+          f"{seconds:.1f} s ({bscans / seconds:.2f} B-scans/s, reading and writing included), peak memory {peak_memory()}")
     if failed:
         print(f"failed ({len(failed)}): " + ", ".join(failed))
         return 1

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from utils import DataError, at_lateral_scale, check_lateral_bin, resolve_device
+from utils import DataError, at_lateral_scale, check_lateral_bin, resolve_device, use_bf16
 
 
 def init_weights(module):
@@ -480,11 +481,24 @@ def inference_settings(state):
             "zero_mean": state.get("method", "tcfl") == "tcfl" and bool(args.get("zero_mean", False))}
 
 
+def fold_batchnorm(net):
+    """For inference: every BatchNorm that directly follows a convolution in a Sequential is
+    folded into that convolution's weights and bias (torch's fuse_conv_bn_eval) and dropped.
+    Same output to float rounding, one pass over the activations less per layer."""
+    for module in net.modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, norm = module[i], module[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                    module[i], module[i + 1] = fuse_conv_bn_eval(conv.eval(), norm.eval()), nn.Identity()
+    return net
+
+
 def load_checkpoint(path, device="cpu"):
     """(Denoiser, checkpoint dict) of train.py's epoch_N.pth or a shipped generator-only file.
 
-    The EMA weights are used when saved. On CPU the network runs in channels_last: oneDNN's
-    convolutions are 1.5x faster that way at no PSNR cost (bench/infer_speed.py).
+    The EMA weights are used when saved, with BatchNorm folded into the convolutions. On CPU the
+    network runs in channels_last: oneDNN's convolutions are faster that way (bench/infer_speed.py).
     """
     path = Path(path)
     if not path.is_file():
@@ -507,7 +521,7 @@ def load_checkpoint(path, device="cpu"):
         lines = str(error).splitlines()
         raise DataError(f"{path}: weights do not fit a {method} ({state['backbone']}) generator "
                         f"({lines[1].strip() if len(lines) > 1 else error})") from None
-    net = net.to(device).eval()
+    net = fold_batchnorm(net.to(device).eval())
     if torch.device(device).type == "cpu":
         net = net.to(memory_format=torch.channels_last)
     return Denoiser(net, **inference_settings(state)), state
@@ -569,7 +583,8 @@ def add_checkpoint_args(parser):
                         help="average flipped passes: 'lr' (the default with a bare --ensemble): the B-scan and its "
                              "left-right mirror, the only flip training uses; 'all': the 8 flips/rotations")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/infer_speed.py)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="bf16: bfloat16 autocast; auto: bf16 where the hardware computes in it, else fp32")
     parser.add_argument("--tile", type=int, default=512, help="tile size for large images (bounded memory)")
     parser.add_argument("--lateral_bin", type=int, default=None,
                         help="denoise B-scans binned N:1 laterally (default: as the checkpoint was trained, train.py --lateral_bin)")
@@ -577,7 +592,8 @@ def add_checkpoint_args(parser):
 
 def load_for_options(args, path):
     """(Denoiser, checkpoint) of path with add_checkpoint_args' inference settings (--lateral_bin overrides the checkpoint's)."""
-    denoiser, state = load_checkpoint(path, resolve_device(args.device))
-    settings = {"ensemble": args.ensemble, "tile": args.tile, "bf16": args.bf16,
+    device = resolve_device(args.device)
+    denoiser, state = load_checkpoint(path, device)
+    settings = {"ensemble": args.ensemble, "tile": args.tile, "bf16": use_bf16(args.precision, device),
                 "lateral_bin": denoiser.lateral_bin if args.lateral_bin is None else args.lateral_bin}
     return Denoiser(denoiser.net, zero_mean=denoiser.zero_mean, **settings), state

@@ -76,8 +76,16 @@ def get_parser():
     g = p.add_argument_group("machine")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (see bench/train_speed.py first)")
-    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16: bfloat16 autocast; auto: bf16 where the hardware computes in it (Ampere+ GPUs, "
+                        "AVX512-BF16/AMX CPUs; elsewhere it is emulated and slower), else fp32")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="networks and batches in channels_last memory (default: on CPU, where oneDNN's "
+                        "convolutions run faster that way; bench/train_speed.py)")
+    g.add_argument("--g_calls", default="auto", choices=["auto", "per_estimate", "batched"],
+                   help="TCFL's G calls per step: per_estimate (six calls of --batch_size images, as published: "
+                        "BatchNorm statistics per estimate) or batched (two calls, of 2x and 4x the batch); "
+                        "auto: per_estimate on CPU (faster there, its activations fit the cache), batched on CUDA")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     g = p.add_argument_group("output")
     g.add_argument("--ckpt_dir", default="ckpt")
@@ -87,5 +95,6 @@ def get_parser():
     g.add_argument("--log_every", type=int, default=10, help="steps between log rows / collapse checks")
     g.add_argument("--collapse_tol", type=float, default=0.01)
     return p
+
 
 

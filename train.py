@@ -294,6 +294,7 @@ def replicas_agree(run):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = setup_device(args)
+    args = trainers.resolve_for_device(args, device)  # --precision / --channels_last / --g_calls auto
     torch.manual_seed(args.seed + rank)
     existing = prepare_output(args, master=rank == 0)
 
@@ -305,10 +306,6 @@ def main(argv=None):
     # Under torchrun the trainer updates through DDP wrappers; it keeps the bare modules for saving.
     wrap = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if ddp else (lambda m: m)
     trainer = method(args, device, noisy_images=noisy, wrap=wrap)
-    if args.channels_last:
-        for module in (trainer.trained, trainer.D):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
     total_steps = args.niter * steps_per_epoch if not args.max_steps else min(args.max_steps, args.niter * steps_per_epoch)
     if args.cosine:
         trainer.set_cosine_schedule(args.niter * steps_per_epoch)

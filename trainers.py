@@ -6,8 +6,9 @@ A training triplet is two unrelated noisy images I_A, I_B and one unrelated clea
     P2P  I_A' = C_A1 + N_B, I_B' = C_B1 + N_A, C_A2 = I_A' - G(I_A'), C_B2 = I_B' - G(I_B')
     C2P  I_C1 = C_C + N_A, I_C2 = C_C + N_B,   C_C1 = I_C1 - G(I_C1), C_C2 = I_C2 - G(I_C2)
 identity = |C_A1 - C_A2| + |C_B1 - C_B2| + |C_C1 - C_C| + |C_C2 - C_C|, and D tells C_C
-(real) from the six estimates (fake). The six G calls are two dependent stages, so they
-run as two batched calls, and D sees all six fakes in one call.
+(real) from the six estimates (fake). The six G calls form two dependent stages; --g_calls
+runs them as six calls (the published flow; fastest on CPU, where a call's activations stay
+in cache) or as two batched ones (fastest on GPUs). D sees all six fakes in one call.
 
 Every method builds its own networks, declares the data it trains on (`data`) and the
 method-specific options it reads (`reads`), and implements step(a, b, c) -> dict of floats
@@ -28,12 +29,12 @@ import torch.nn.functional as F
 
 import datasets
 import models
-from utils import DataError
+from utils import DataError, use_bf16
 
 # Options only some methods read; a method refuses any of these it does not read when set
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                  "pool_size", "noise_scale", "lr_d", "backbone", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -120,6 +121,18 @@ def collapse_warning(stats, tolerance=0.01):
     return None
 
 
+def resolve_for_device(args, device):
+    """A copy of the options with the 'auto' machine settings (--precision, --channels_last,
+    --g_calls) decided for the device; train.py saves it in opt.json, so the log says what ran."""
+    args = copy.copy(args)
+    args.bf16 = use_bf16(args.precision, device)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cpu"
+    if args.g_calls == "auto":
+        args.g_calls = "per_estimate" if device.type == "cpu" else "batched"
+    return args
+
+
 def _rank():
     return int(os.environ.get("RANK", 0))
 
@@ -134,7 +147,12 @@ class Trainer:
     zero_mean = False  # whether the inference module's noise has its spatial mean removed (TCFL --zero_mean)
 
     def __init__(self, args, model, trained=None, discriminator=None):
-        self.args, self.model, self.trained, self.D = args, model, trained or model, discriminator
+        self.args = resolve_for_device(args, next(model.parameters()).device)
+        self.model, self.trained, self.D = model, trained or model, discriminator
+        if self.args.channels_last:
+            for module in (self.trained, discriminator):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
         self.ema_updates = 0
         self.rng = torch.Generator().manual_seed(args.seed * 1000 + _rank())
@@ -228,7 +246,7 @@ class TCFLTrainer(Trainer):
     by default a --backbone generator and the PatchGAN, on `device`."""
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                       "pool_size", "noise_scale", "lr_d", "backbone"})
+                       "pool_size", "noise_scale", "g_calls", "lr_d", "backbone"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
         generator = (generator or models.build_generator(args.backbone)).to(device)
@@ -246,8 +264,12 @@ class TCFLTrainer(Trainer):
         self.d_fake_weight = args.d_fake_weight if args.d_fake_weight is not None else (1 / 6 if args.gan == "wgan" else 0.1)
 
     # -- the cross-fusion flow -------------------------------------------------------
-    def noise(self, images):
-        noise = self.G_train(images)
+    def noise(self, images, estimates):
+        """G's noise for a stack of `estimates` equal parts: one G call per part (--g_calls per_estimate,
+        the published flow) or one call for the stack (batched). BatchNorm in training mode normalises
+        over what one call sees, so the two differ numerically unless BN is frozen."""
+        parts = images.chunk(estimates) if self.args.g_calls == "per_estimate" else [images]
+        noise = torch.cat([self.G_train(part) for part in parts])
         if self.zero_mean:  # see models.Denoiser
             noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
         return noise
@@ -262,11 +284,11 @@ class TCFLTrainer(Trainer):
 
     def fuse(self, noisy_a, noisy_b, clean_c):
         """The six clean estimates and the two stage-1 noises, with G called twice."""
-        noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b])).chunk(2)
+        noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b]), 2).chunk(2)
         clean_a1, clean_b1 = noisy_a - noise_a, noisy_b - noise_b
         mixed_a, mixed_b = noise_a * self.noise_scales(noise_a), noise_b * self.noise_scales(noise_b)
         stage2 = torch.cat([clean_a1 + mixed_b, clean_b1 + mixed_a, clean_c + mixed_a, clean_c + mixed_b])
-        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - self.noise(stage2)).chunk(4)
+        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - self.noise(stage2, 4)).chunk(4)
         return [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2], (noise_a, noise_b)
 
     @staticmethod

@@ -203,3 +203,23 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def bf16_is_native(device):
+    """Whether the hardware computes in bfloat16: Ampere+ GPUs, or CPUs with AVX512-BF16 or AMX.
+
+    oneDNN accepts bf16 on any AVX-512 CPU (torch.ops.mkldnn._is_mkldnn_bf16_supported() says
+    yes) but emulates it there, 3-200x slower than fp32 (bench/train_speed.py's probe), so
+    the CPU's instruction set is asked instead."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probes: assume emulated
+        return False
+
+
+def use_bf16(precision, device):
+    """--precision auto | fp32 | bf16 -> whether to run under bf16 autocast; auto: where it is native."""
+    return precision == "bf16" or (precision == "auto" and bf16_is_native(device))

@@ -55,17 +55,6 @@ def matmul_gflops(device="cpu", size=1024, repeats=5):
     return 2 * size ** 3 / seconds / 1e9
 
 
-def bf16_is_native(device):
-    """bf16 autocast pays only where the hardware computes in bf16 (recent GPUs, AVX512-BF16 or
-    AMX CPUs); elsewhere oneDNN emulates it, far slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def bf16_probe(device, shape=(1, 1, 32, 64)):
     """fp32 and bf16 seconds of one DnCNN forward on a small input: the measurement behind a
     bf16 row skipped because the full-size run would take hours on emulated bf16."""

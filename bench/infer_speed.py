@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import SHARED_DATA, ROOT, bf16_is_native, bf16_probe, machine, save, timeit
+from common import SHARED_DATA, ROOT, bf16_probe, machine, save, timeit
 
 import datasets
 import models
-from utils import psnr, resolve_device
+from utils import bf16_is_native, psnr, resolve_device
 
 VARIANTS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
             "channels_last+bf16": {"channels_last": True, "bf16": True}}

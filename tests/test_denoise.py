@@ -1,4 +1,5 @@
 """denoise.py on the user's own files: types, stacks, folders, refusals."""
+import re
 from pathlib import Path
 
 import cv2
@@ -49,12 +50,15 @@ def test_round_trip_keeps_name_dtype_shape_and_range(tmp_path, ckpt, suffix, dty
         assert len(np.unique(out)) > 256 and out.max() > 255
 
 
-def test_stack_stays_a_stack(tmp_path, ckpt):
+def test_stack_stays_a_stack(tmp_path, ckpt, capsys):
     stack = (speckle((3, 32, 48)) * 65535).astype(np.uint16)
     src = tmp_path / "in" / "volume.tif"
     src.parent.mkdir()
     tifffile.imwrite(src, stack, photometric="minisblack")
     assert run([src], tmp_path / "out", ckpt) == 0
+    captured = capsys.readouterr()
+    assert "volume.tif" in captured.err and "3/3" in captured.err  # a progress bar over the stack's B-scans
+    assert re.search(r"3 B-scan\(s\) in [\d.]+ s \([\d.]+ B-scans/s.*peak memory \d+ MB", captured.out)
     out = tifffile.imread(tmp_path / "out" / "volume.tif")
     assert out.shape == (3, 32, 48) and out.dtype == np.uint16
     second = models.load_checkpoint(ckpt)[0](stack[1].astype(np.float32) / 65535)

@@ -68,3 +68,24 @@ def test_lr_ensemble_keeps_the_bscan_upright():
     seen.clear()
     models.Denoiser(Record(), ensemble="all")(image.numpy())
     assert len(seen) == 8 and any(torch.equal(view, image.flip(-2)) for view in seen)
+
+
+@pytest.mark.parametrize("backbone", ["dncnn", "unet"])
+def test_loaded_checkpoint_runs_with_batchnorm_folded_and_matches_the_unfolded_net(tmp_path, backbone):
+    """load_checkpoint folds every BatchNorm into its convolution; an exported file loads with
+    weights_only=True and denoises as the unfolded network in eval mode does."""
+    torch.manual_seed(0)
+    net = models.build_generator(backbone)
+    for module in net.modules():  # trained-looking statistics, so that folding changes the weights
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2), module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5), module.bias.data.uniform_(-0.1, 0.1)
+    train_ckpt, shipped = tmp_path / "epoch_1.pth", tmp_path / "G.pth"
+    torch.save({"generator": net.state_dict(), "backbone": backbone, "method": "tcfl", "args": {}}, train_ckpt)
+    models.export_checkpoint(train_ckpt, shipped)
+    assert "generator" in torch.load(shipped, weights_only=True)
+    denoiser, _ = models.load_checkpoint(shipped)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in denoiser.net.modules())
+    image = torch.rand(1, 1, 40, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser.net(image), net.eval()(image), rtol=1e-4, atol=1e-5)
