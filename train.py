@@ -294,7 +294,7 @@ def replicas_agree(run):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = setup_device(args)
-    args = trainers.resolve_for_device(args, device)  # --precision / --channels_last / --g_calls auto
+    args = trainers.resolve_for_device(args, device)  # --precision / --channels_last auto
     torch.manual_seed(args.seed + rank)
     existing = prepare_output(args, master=rank == 0)
 

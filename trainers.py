@@ -6,9 +6,8 @@ A training triplet is two unrelated noisy images I_A, I_B and one unrelated clea
     P2P  I_A' = C_A1 + N_B, I_B' = C_B1 + N_A, C_A2 = I_A' - G(I_A'), C_B2 = I_B' - G(I_B')
     C2P  I_C1 = C_C + N_A, I_C2 = C_C + N_B,   C_C1 = I_C1 - G(I_C1), C_C2 = I_C2 - G(I_C2)
 identity = |C_A1 - C_A2| + |C_B1 - C_B2| + |C_C1 - C_C| + |C_C2 - C_C|, and D tells C_C
-(real) from the six estimates (fake). The six G calls form two dependent stages; --g_calls
-runs them as six calls (the published flow; fastest on CPU, where a call's activations stay
-in cache) or as two batched ones (fastest on GPUs). D sees all six fakes in one call.
+(real) from the six estimates (fake). The six G calls form two dependent stages, run as two
+batched calls (--g_calls per_estimate: six, as published), and D sees all six fakes in one call.
 
 Every method builds its own networks, declares the data it trains on (`data`) and the
 method-specific options it reads (`reads`), and implements step(a, b, c) -> dict of floats
@@ -122,14 +121,12 @@ def collapse_warning(stats, tolerance=0.01):
 
 
 def resolve_for_device(args, device):
-    """A copy of the options with the 'auto' machine settings (--precision, --channels_last,
-    --g_calls) decided for the device; train.py saves it in opt.json, so the log says what ran."""
+    """A copy of the options with the machine settings left to 'auto' (--precision, --channels_last)
+    decided for the device; train.py saves it in opt.json, so the log says what ran."""
     args = copy.copy(args)
     args.bf16 = use_bf16(args.precision, device)
     if args.channels_last is None:
         args.channels_last = device.type == "cpu"
-    if args.g_calls == "auto":
-        args.g_calls = "per_estimate" if device.type == "cpu" else "batched"
     return args
 
 

@@ -1,6 +1,7 @@
-"""Seconds per 450 x 900 B-scan for each backbone, fp32 vs channels_last vs bf16, the shipped
-checkpoint end to end as evaluate.py/denoise.py run it (with its lateral binning), and what
-bf16 costs in PSNR on the duke28 test split with the shipped checkpoint.
+"""Seconds per 450 x 900 B-scan for each backbone, fp32 vs channels_last vs bf16; the shipped
+checkpoint end to end as evaluate.py/denoise.py run it (lateral binning, BatchNorm folded)
+against NLM.py on the same 5 duke28 test B-scans, with both outputs' PSNR; and what bf16
+costs in PSNR on the duke28 test split with the shipped checkpoint.
 
 Where bf16 is emulated (CPUs without AVX512-BF16/AMX: ~180x slower than fp32) the bf16
 timings are skipped (--force_bf16 runs them) and the PSNR comparison uses a central
@@ -18,6 +19,7 @@ import torch
 
 from common import SHARED_DATA, ROOT, bf16_probe, machine, save, timeit
 
+import baselines
 import datasets
 import models
 from utils import bf16_is_native, psnr, resolve_device
@@ -30,6 +32,48 @@ def run(generator, image, channels_last=False, bf16=False):
     x = image.contiguous(memory_format=torch.channels_last) if channels_last else image
     with torch.no_grad():
         return models.predict_noise(generator, x, tile=4096, bf16=bf16)
+
+
+def backbone_timings(backbone, image, device, emulated, repeats):
+    """{variant: seconds per image} of an untrained backbone at full resolution (None: bf16 skipped where emulated)."""
+    timings = {}
+    for name, switches in VARIANTS.items():
+        if switches.get("bf16") and emulated:
+            timings[name] = None
+            print(f"{backbone:<11} {name:<20} skipped: bf16 is emulated here (see above)")
+            continue
+        generator = models.build_generator(backbone).to(device).eval()
+        if switches.get("channels_last"):
+            generator = generator.to(memory_format=torch.channels_last)
+        timings[name] = timeit(lambda: run(generator, image, **switches), repeats, device=device.type)
+        print(f"{backbone:<11} {name:<20} {timings[name]:7.3f} s per {image.shape[-2]} x {image.shape[-1]} B-scan")
+    return timings
+
+
+def versus_nlm(ckpt, device, repeats):
+    """Seconds per duke28 test B-scan (mean over the 5, end to end from the float image) and PSNR of the
+    shipped checkpoint, with BatchNorm folded (as loaded) and unfolded, and of NLM.py; None without the data."""
+    data = SHARED_DATA / "duke_bioptigen"
+    if not data.is_dir() or not Path(ckpt).is_file():
+        print(f"skipping the comparison with NLM.py on test B-scans: needs {data} and {ckpt}")
+        return None
+    samples = datasets.load_pairs("duke28", data, "test")
+    folded, state = models.load_checkpoint(ckpt, device)
+    unfolded_net = models.build_denoiser(state.get("method", "tcfl"), state["backbone"], state.get("args") or {})
+    unfolded_net.load_state_dict(state.get("generator_ema") or state["generator"])
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    unfolded = models.Denoiser(unfolded_net.to(device).eval().to(memory_format=layout), folded.lateral_bin, folded.zero_mean)
+    rows = {}
+    for name, denoise in (("shipped checkpoint", folded), ("shipped checkpoint, BatchNorm unfolded", unfolded),
+                          ("NLM.py", baselines.NLM.denoise)):
+        outputs = [denoise(s.noisy) for s in samples]  # also the warm-up
+        seconds = timeit(lambda: [denoise(s.noisy) for s in samples], repeats, warmup=0, device=device.type) / len(samples)
+        scores = [psnr(s.clean, out) for s, out in zip(samples, outputs)]
+        rows[name] = {"seconds_per_bscan": seconds, "psnr": float(np.mean(scores))}
+        print(f"{name:<40} {seconds:.3f} s per test B-scan, PSNR {rows[name]['psnr']:.3f} dB ({len(samples)} duke28 test B-scans)")
+    ratio = rows["shipped checkpoint"]["seconds_per_bscan"] / rows["NLM.py"]["seconds_per_bscan"]
+    print(f"shipped checkpoint / NLM.py time per B-scan: {ratio:.2f}x (target <= 1)")
+    return {"rows": rows, "ratio_to_nlm": ratio, "n_bscans": len(samples), "threads": torch.get_num_threads()}
 
 
 def main(argv=None):
@@ -50,20 +94,7 @@ def main(argv=None):
     probe = bf16_probe(device) if emulated else None
     image = torch.rand(1, 1, args.height, args.width, device=device)
 
-    timings = {}
-    for backbone in models.GENERATORS:
-        timings[backbone] = {}
-        for name, switches in VARIANTS.items():
-            if switches.get("bf16") and emulated:
-                timings[backbone][name] = None
-                print(f"{backbone:<11} {name:<20} skipped: bf16 is emulated here (see above)")
-                continue
-            generator = models.build_generator(backbone).to(device).eval()
-            if switches.get("channels_last"):
-                generator = generator.to(memory_format=torch.channels_last)
-            seconds = timeit(lambda: run(generator, image, **switches), repeats, device=device.type)
-            timings[backbone][name] = seconds
-            print(f"{backbone:<11} {name:<20} {seconds:7.3f} s per {args.height} x {args.width} B-scan")
+    timings = {backbone: backbone_timings(backbone, image, device, emulated, repeats) for backbone in models.GENERATORS}
 
     shipped = None
     if Path(args.ckpt).is_file():
@@ -74,6 +105,7 @@ def main(argv=None):
         print(f"shipped checkpoint end to end (models.Denoiser, lateral_bin {denoiser.lateral_bin}, "
               f"channels_last on CPU): {seconds:.3f} s per {args.height} x {args.width} B-scan")
 
+    versus = versus_nlm(args.ckpt, device, repeats)
     precision, psnr_region = None, None
     data = SHARED_DATA / "duke_bioptigen"
     if not data.is_dir() or not Path(args.ckpt).is_file():
@@ -105,7 +137,7 @@ def main(argv=None):
     if not args.no_save:
         save("infer_speed_quick" if args.quick else "infer_speed",
              {"machine": info, "image": [args.height, args.width], "seconds_per_bscan": timings,
-              "shipped_checkpoint": shipped,
+              "shipped_checkpoint": shipped, "test_bscans_vs_nlm": versus,
               "bf16_probe": probe, "psnr_region": psnr_region, "test_psnr": precision})
     return timings, precision
 

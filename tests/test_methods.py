@@ -214,7 +214,7 @@ def test_cncl_refuses_unpaired_dataset(tmp_path):
 SET = {"gan": ["--gan", "vanilla"], "lam": ["--lam", "3"], "d_fake_weight": ["--d_fake_weight", "0.2"],
        "clip": ["--clip", "0.02"], "n_critic": ["--n_critic", "2"], "sigma_tv": ["--sigma_tv", "1"],
        "sigma_rep": ["--sigma_rep", "1"], "zero_mean": ["--no-zero_mean"], "pool_size": ["--pool_size", "4"],
-       "noise_scale": ["--noise_scale", "0.5", "1.5"], "g_calls": ["--g_calls", "batched"], "lr_d": ["--lr_d", "1e-4"], "backbone": ["--backbone", "unet"],
+       "noise_scale": ["--noise_scale", "0.5", "1.5"], "g_calls": ["--g_calls", "per_estimate"], "lr_d": ["--lr_d", "1e-4"], "backbone": ["--backbone", "unet"],
        "r2r_alpha": ["--r2r_alpha", "0.3"], "r2r_passes": ["--r2r_passes", "2"], "n2n_gamma": ["--n2n_gamma", "1"]}
 
 

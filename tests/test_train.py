@@ -127,8 +127,8 @@ def test_batched_flow_in_train_mode_equals_separate_calls_only_without_batchnorm
 
 
 def test_per_estimate_flow_equals_six_separate_calls_with_batchnorm_training(make_trainer):
-    """--g_calls per_estimate (the default on CPU) calls G once per estimate, so BatchNorm's batch
-    statistics are those of the published flow's six calls, without --frozen_bn."""
+    """--g_calls per_estimate calls G once per estimate, so BatchNorm's batch statistics are those
+    of the published flow's six calls, without --frozen_bn."""
     trainer = make_trainer(zero_mean=False, g_calls="per_estimate")
     trainer.train_mode()
     a, b, c = triplet()
@@ -144,13 +144,24 @@ def plain_published_step(trainer, a, b, c):
     return naive_step(trainer, a, b, c)
 
 
+def assert_same_gradients(fast, reference, tolerance):
+    """The two trainers' gradients after one step, via Adam's first moment (0.5 x the gradient); not the
+    weights: Adam's first step is +-lr wherever a gradient is nonzero, so an element whose gradient is
+    zero up to rounding (e.g. D's conv biases before InstanceNorm) may step either way."""
+    for optimizer in ("opt_g", "opt_d"):
+        got, expected = ([state["exp_avg"] for state in getattr(trainer, optimizer).state.values()] for trainer in (fast, reference))
+        scale = max(e.abs().max().item() for e in expected)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=tolerance * scale)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_train_py_step_on_cpu_equals_the_plain_published_step(make_trainer, channels_last):
-    """The CPU flow (six G calls, D on all fakes at once without its weight gradients in G's update,
-    channels_last memory) is a rescheduling of bench/train_speed.py's plain flow: same losses and
-    gradients, to float rounding. channels_last runs other oneDNN kernels, which round differently
-    (the six estimates differ by ~1e-5); the identity losses' residuals are small, so that shows
-    as ~0.5% in G's gradients (measured), where the same kernels agree to ~1e-6."""
+def test_per_estimate_step_equals_the_plain_published_step(make_trainer, channels_last):
+    """--g_calls per_estimate (six G calls, D on all fakes at once without its weight gradients in G's
+    update) is a rescheduling of bench/train_speed.py's plain flow: same losses and gradients, to float
+    rounding. channels_last runs other oneDNN kernels, which round differently (the six estimates
+    differ by ~1e-5); the identity losses' residuals are small, so that shows as ~0.5% in G's
+    gradients (measured), where the same kernels agree to ~1e-6."""
     a, b, c = triplet(size=32)
     reference = make_trainer(g_calls="per_estimate", channels_last=False)
     fast = make_trainer(g_calls="per_estimate", channels_last=channels_last)
@@ -159,25 +170,28 @@ def test_train_py_step_on_cpu_equals_the_plain_published_step(make_trainer, chan
     layout = torch.channels_last if channels_last else torch.contiguous_format
     stats = fast.step(*(t.contiguous(memory_format=layout) for t in (a, b, c)))
     assert stats["loss_g"] == pytest.approx(want[0], abs=1e-5) and stats["loss_d"] == pytest.approx(want[1], abs=1e-5)
-    # The gradients, via Adam's first moment (0.5 x the gradient after one step); not the weights:
-    # Adam's first step is +-lr wherever a gradient is nonzero, so an element whose gradient is zero
-    # up to rounding (e.g. D's conv biases before InstanceNorm) may step either way.
-    for optimizer in ("opt_g", "opt_d"):
-        got, expected = ([state["exp_avg"] for state in getattr(trainer, optimizer).state.values()] for trainer in (fast, reference))
-        scale = max(e.abs().max().item() for e in expected)
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=0, atol=(2e-2 if channels_last else 1e-4) * scale)
+    assert_same_gradients(fast, reference, 2e-2 if channels_last else 1e-4)
+
+
+def test_channels_last_step_equals_the_default_layout_step(make_trainer):
+    """The CPU default (batched G calls in channels_last memory) against the same flow in the default
+    memory layout: same losses to 1e-5, gradients to rounding (see the test above)."""
+    a, b, c = triplet(size=32)
+    reference, fast = make_trainer(channels_last=False), make_trainer(channels_last=True)
+    want = reference.step(a, b, c)
+    stats = fast.step(*(t.contiguous(memory_format=torch.channels_last) for t in (a, b, c)))
+    assert stats["loss_g"] == pytest.approx(want["loss_g"], abs=1e-5) and stats["loss_d"] == pytest.approx(want["loss_d"], abs=1e-5)
+    assert_same_gradients(fast, reference, 2e-2)
 
 
 def test_machine_options_resolve_per_device(trainer_args, monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(utils, "bf16_is_native", lambda device: False)
     auto = trainers.resolve_for_device(trainer_args(), cpu)
-    assert (auto.g_calls, auto.channels_last, auto.bf16) == ("per_estimate", True, False)
-    assert trainers.resolve_for_device(trainer_args(), cuda).g_calls == "batched"
+    assert (auto.channels_last, auto.bf16) == (True, False)
+    assert not trainers.resolve_for_device(trainer_args(), cuda).channels_last
     assert trainers.resolve_for_device(trainer_args(precision="bf16"), cpu).bf16
-    set_by_hand = trainers.resolve_for_device(trainer_args(g_calls="batched", channels_last=False), cpu)
-    assert (set_by_hand.g_calls, set_by_hand.channels_last) == ("batched", False)
+    assert not trainers.resolve_for_device(trainer_args(channels_last=False), cpu).channels_last
     monkeypatch.setattr(utils, "bf16_is_native", lambda device: True)
     assert trainers.resolve_for_device(trainer_args(), cpu).bf16
     assert not trainers.resolve_for_device(trainer_args(precision="fp32"), cpu).bf16
