@@ -95,6 +95,3 @@ def get_parser():
     g.add_argument("--log_every", type=int, default=10, help="steps between log rows / collapse checks")
     g.add_argument("--collapse_tol", type=float, default=0.01)
     return p
-
-
-

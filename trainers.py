@@ -280,7 +280,7 @@ class TCFLTrainer(Trainer):
         return torch.empty(len(like), 1, 1, 1, device=like.device).uniform_(low, high)
 
     def fuse(self, noisy_a, noisy_b, clean_c):
-        """The six clean estimates and the two stage-1 noises, with G called twice."""
+        """The six clean estimates and the two stage-1 noises (G called twice, or six times with --g_calls per_estimate)."""
         noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b]), 2).chunk(2)
         clean_a1, clean_b1 = noisy_a - noise_a, noisy_b - noise_b
         mixed_a, mixed_b = noise_a * self.noise_scales(noise_a), noise_b * self.noise_scales(noise_b)

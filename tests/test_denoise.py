@@ -138,3 +138,15 @@ def test_a_checkpoint_trained_binned_denoises_binned_unless_told_otherwise(tmp_p
     assert np.abs(binned - full).max() > 2 / 255
     with pytest.raises(DataError, match="--lateral_bin"):
         run([tmp_path / "in"], tmp_path / "c", binned_ckpt, "--lateral_bin", "0")
+
+
+def test_precision_option_turns_bf16_on_only_where_asked_or_native(ckpt, monkeypatch):
+    import argparse
+    import utils
+    parser = argparse.ArgumentParser()
+    models.add_checkpoint_args(parser)
+    bf16 = lambda *argv: models.load_for_options(parser.parse_args(["--device", "cpu", *argv]), ckpt)[0].bf16
+    monkeypatch.setattr(utils, "bf16_is_native", lambda device: False)
+    assert not bf16() and not bf16("--precision", "fp32") and bf16("--precision", "bf16")
+    monkeypatch.setattr(utils, "bf16_is_native", lambda device: True)
+    assert bf16() and not bf16("--precision", "fp32")
