@@ -82,13 +82,18 @@ def save(name, payload):
     return path
 
 
-def test_samples(dataset, size=256, quick=False):
+def test_samples(dataset, size=256, quick=False, split="test"):
     """(dataset, the test split's samples): duke28 from ../shared/data (the synthetic set when that
-    is absent, said once), or the built-in synthetic set at size x size; --quick: the first two."""
+    is absent, said once), or the built-in synthetic set at size x size; --quick: the first two.
+    split "val": instead train.py's validation subjects (duke28: 9-10, with their neighbours)."""
     import datasets
     data = SHARED_DATA / "duke_bioptigen"
     if dataset == "duke28" and not data.is_dir():
         print(f"{data} not found: running on the synthetic set instead")
         dataset = "synthetic"
-    samples = datasets.load_pairs(dataset, data if dataset == "duke28" else None, "test", synthetic_size=size)
+    root = data if dataset == "duke28" else None
+    if split == "val":
+        samples = datasets.load_unpaired(dataset, root, "train", synthetic_size=size)[2]
+    else:
+        samples = datasets.load_pairs(dataset, root, "test", synthetic_size=size)
     return dataset, samples[:2] if quick else samples

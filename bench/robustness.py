@@ -5,6 +5,7 @@ method keeps working on a scanner noisier or quieter than the data it was traine
     python bench/robustness.py --dataset synthetic    # speckle strengths s = 0.5, 1.0, 1.5
     python bench/robustness.py --quick                # 2 images; BM3D/BM4D only if --methods names them
     python bench/robustness.py --methods noisy,nlm,tcfl_duke28      # keys: see --help
+    python bench/robustness.py --split val --methods noisy,blur,nlm,tcfl_duke28   # validation subjects 9-10
 
 duke28 (../shared/data/duke_bioptigen): level k is the mean (display domain, [0, 1]) of test.tif
 and its k nearest registered neighbours (2.tif, 3.tif, then 1.tif, 4.tif): a quieter scan, as from
@@ -167,23 +168,25 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two test images; no BM3D/BM4D unless --methods names them")
     parser.add_argument("--no_save", action="store_true", help="print only: no JSON, no plot")
     parser.add_argument("--size", type=int, default=256, help="synthetic image size")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="val: train.py's validation subjects (duke28 9-10), for choosing levers without the test split")
     args = parser.parse_args(argv)
     table = method_table()
     keys = choose(args.methods, table, args.quick)
     info = machine()
-    args.dataset, samples = test_samples(args.dataset, args.size, args.quick)
+    args.dataset, samples = test_samples(args.dataset, args.size, args.quick, args.split)
 
     levels, results = run(make_levels(args.dataset, samples), keys, table, args.dataset)
     tables = {"PSNR": markdown(levels, results, "PSNR", 2), "SSIM": markdown(levels, results, "SSIM", 3)}
     for metric, text in tables.items():
-        print(f"\n{args.dataset} test split, {len(samples)} images: {metric}, mean ± std per noise level\n{text}")
-    payload = {"machine": info, "dataset": args.dataset, "n_images": len(samples), "levels": levels,
+        print(f"\n{args.dataset} {args.split} split, {len(samples)} images: {metric}, mean ± std per noise level\n{text}")
+    payload = {"machine": info, "dataset": args.dataset, "split": args.split, "n_images": len(samples), "levels": levels,
                "results": results, "markdown": tables}
     if args.no_save:
         return payload
-    name = f"robustness_{args.dataset}{'_quick' if args.quick else ''}"
+    name = f"robustness_{args.dataset}{'_val' if args.split == 'val' else ''}{'_quick' if args.quick else ''}"
     plot(ROOT / "img" / (f"{name}.png" if args.quick else f"readme/{name}.png"), levels, results,
-         f"noise-level robustness, {args.dataset} test split ({len(samples)} images)\n{info['cpu']}, {info['cores']} cores, {info['device']}")
+         f"noise-level robustness, {args.dataset} {args.split} split ({len(samples)} images)\n{info['cpu']}, {info['cores']} cores, {info['device']}")
     save(name, payload)
     return payload
 

@@ -61,3 +61,12 @@ def test_robustness_runs_on_synthetic():
     assert inputs[0] > inputs[1] > inputs[2]
     assert payload["results"]["NLM.py"]["s=1.0"]["mean"]["PSNR"] > inputs[1] + 3
     assert payload["markdown"]["PSNR"].count("\n") == 5 and "| input SSIM |" in payload["markdown"]["SSIM"]
+
+
+@pytest.mark.skipif(not (robustness.ROOT.parent / "shared" / "data" / "duke_bioptigen").is_dir(),
+                    reason="needs ../shared/data/duke_bioptigen (the real Duke scans)")
+def test_val_split_scores_the_validation_subjects_never_the_test_ones():
+    payload = robustness.main(["--split", "val", "--methods", "noisy", "--no_save"])
+    _, validation = robustness.test_samples("duke28", split="val")
+    assert payload["split"] == "val" and [s.id for s in validation] == ["9", "10"]
+    assert payload["results"]["noisy input"]["k=0"]["n_images"] == 2
