@@ -81,7 +81,7 @@ def profile_step(step, top=8):
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     table = [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:top]]
-    print("profile of one batched step (self CPU time): "
+    print("profile of one step of train.py's flow (self CPU time): "
           + ", ".join(f"{row['op']} {row['share']:.0%}" for row in table))
     return table
 
@@ -103,7 +103,7 @@ def flows(device):
 
 
 def time_flow(name, flags, batch, size, device, repeats):
-    """(seconds per step, first-step (loss_g, loss_d)) of one flow, from seed-0 weights and data."""
+    """(seconds per step, first-step (loss_g, loss_d), the step function) of one flow, from seed-0 weights and data."""
     torch.manual_seed(0)
     opts = options.parse_args(flags)
     G, D = models.build_generator("dncnn").to(device), models.build_discriminator().to(device)
