@@ -335,12 +335,25 @@ def split_holds_test_subjects(dataset, root, split):
     return dataset == "duke17" or (dataset == "synthetic" and split == "all")
 
 
-def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0):
+def neighbours_as_samples(samples):
+    """samples followed by each sample's registered neighbour B-scans as pairs of their own, scored
+    against the same reference: 5x the images to validate on for duke28, from the same subjects."""
+    return samples + [Sample(f"{s.id}/{k}.tif", neighbour, s.clean, s.bit_depth, s.path)
+                      for s in samples for k, neighbour in enumerate(s.neighbours, 1)]
+
+
+def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0, val_neighbours=False):
     """Unpaired training data: (noisy images, clean images, validation pairs).
 
     Validation pairs are held back from training (never taken from the test split):
-    the last n_val subjects of duke28's train split, fresh phantoms for synthetic.
+    the last n_val subjects of duke28's train split, fresh phantoms for synthetic;
+    val_neighbours: also their registered neighbour B-scans (neighbours_as_samples).
     """
+    noisy, clean, val = _load_unpaired(dataset, root, split, n_val, synthetic_size, seed)
+    return noisy, clean, neighbours_as_samples(val) if val_neighbours else val
+
+
+def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed):
     _check_dataset(dataset)
     if n_val < 0:
         raise DataError(f"--n_val must be >= 0, got {n_val}")

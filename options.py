@@ -35,6 +35,9 @@ def get_parser():
     g.add_argument("--data_root", default=None)
     g.add_argument("--split", default="train", help="split of duke28's splits.json to train on")
     g.add_argument("--n_val", type=int, default=2, help="training-split images held back for validation")
+    g.add_argument("--val_neighbours", action="store_true",
+                   help="also validate on the held-back subjects' registered neighbour B-scans (duke28: 1..4.tif, "
+                        "scored against the subject's average): 5x the validation images for --epoch best")
     g.add_argument("--patch_size", type=int, default=64)
     g.add_argument("--lateral_bin", type=int, default=1,
                    help="train on B-scans binned N:1 along the lateral axis, as BM3D.py/NLM.py denoise (OCT speckle "

@@ -89,7 +89,8 @@ def prepare_output(args, master):
 def load_training_data(args, data_kind):
     """(dataset of triplets or registered pairs, the noisy training images, validation pairs), all laterally binned
     by --lateral_bin: G learns at the binned scale and denoises there; validation scores at full size."""
-    noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed)
+    noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
+                                                       val_neighbours=args.val_neighbours)
     binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
     noisy, clean = binned(noisy), binned(clean)
     narrowest = min(image.shape[1] for image in noisy + clean)

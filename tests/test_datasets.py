@@ -545,3 +545,26 @@ def test_real_duke28_data_loads():
     # Training reads ~50 such scans (a second); the subject lists are enough here.
     assert [d.name for d in datasets.duke28_subjects(REAL_DUKE28, "train")] == [str(n) for n in range(1, 11)]
     assert all((REAL_DUKE28 / str(n) / f"{k}.tif").is_file() for n in range(1, 16) for k in range(1, 5))
+
+
+def test_val_neighbours_add_each_held_back_subjects_neighbours_scored_against_its_average(tmp_path, fake_duke28):
+    root = fake_duke28(tmp_path / "duke", ids=(1, 2, 3, 4), images="tagged", neighbours=(1, 2, 3, 4),
+                       splits={"train": ["1", "2", "3", "4"], "test": []})
+    _, _, plain = datasets.load_unpaired("duke28", root, "train", n_val=2)
+    _, _, more = datasets.load_unpaired("duke28", root, "train", n_val=2, val_neighbours=True)
+    assert [s.id for s in plain] == ["3", "4"] and len(more) == 2 + 2 * 4
+    assert [s.id for s in more[2:6]] == ["3/1.tif", "3/2.tif", "3/3.tif", "3/4.tif"]
+    for k, sample in enumerate(more[2:6]):
+        np.testing.assert_array_equal(sample.noisy, plain[0].neighbours[k])
+        assert round(float(sample.noisy[0, 0]) * 255) == 30 + k + 1  # the tag of subject 3's k.tif
+        np.testing.assert_array_equal(sample.clean, plain[0].clean)
+
+
+def test_split_val_with_val_neighbours_scores_the_neighbours_too(tmp_path, fake_duke28):
+    from argparse import Namespace
+    import scoring
+    root = fake_duke28(tmp_path / "duke", ids=(1, 2, 3, 4), images="tagged", neighbours=(1, 2, 3, 4),
+                       splits={"train": ["1", "2", "3", "4"], "test": []})
+    args = Namespace(dataset="duke28", data_root=root, split="val", val_neighbours=True)
+    assert len(scoring.load_scoring_pairs(args)) == 10
+    assert len(scoring.load_scoring_pairs(Namespace(dataset="duke28", data_root=root, split="val"))) == 2
