@@ -494,11 +494,11 @@ def fold_batchnorm(net):
     return net
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", fold_bn=True):
     """(Denoiser, checkpoint dict) of train.py's epoch_N.pth or a shipped generator-only file.
 
-    The EMA weights are used when saved, with BatchNorm folded into the convolutions. On CPU the
-    network runs in channels_last: oneDNN's convolutions are faster that way (bench/infer_speed.py).
+    The EMA weights are used when saved, with BatchNorm folded into the convolutions (fold_bn). On
+    CPU the network runs in channels_last: oneDNN's convolutions are faster that way (bench/infer_speed.py).
     """
     path = Path(path)
     if not path.is_file():
@@ -521,7 +521,9 @@ def load_checkpoint(path, device="cpu"):
         lines = str(error).splitlines()
         raise DataError(f"{path}: weights do not fit a {method} ({state['backbone']}) generator "
                         f"({lines[1].strip() if len(lines) > 1 else error})") from None
-    net = fold_batchnorm(net.to(device).eval())
+    net = net.to(device).eval()
+    if fold_bn:
+        net = fold_batchnorm(net)
     if torch.device(device).type == "cpu":
         net = net.to(memory_format=torch.channels_last)
     return Denoiser(net, **inference_settings(state)), state

@@ -58,11 +58,7 @@ def versus_nlm(ckpt, device, repeats):
         print(f"skipping the comparison with NLM.py on test B-scans: needs {data} and {ckpt}")
         return None
     samples = datasets.load_pairs("duke28", data, "test")
-    folded, state = models.load_checkpoint(ckpt, device)
-    unfolded_net = models.build_denoiser(state.get("method", "tcfl"), state["backbone"], state.get("args") or {})
-    unfolded_net.load_state_dict(state.get("generator_ema") or state["generator"])
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    unfolded = models.Denoiser(unfolded_net.to(device).eval().to(memory_format=layout), folded.lateral_bin, folded.zero_mean)
+    folded, unfolded = models.load_checkpoint(ckpt, device)[0], models.load_checkpoint(ckpt, device, fold_bn=False)[0]
     rows = {}
     for name, denoise in (("shipped checkpoint", folded), ("shipped checkpoint, BatchNorm unfolded", unfolded),
                           ("NLM.py", baselines.NLM.denoise)):

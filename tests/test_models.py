@@ -86,6 +86,7 @@ def test_loaded_checkpoint_runs_with_batchnorm_folded_and_matches_the_unfolded_n
     assert "generator" in torch.load(shipped, weights_only=True)
     denoiser, _ = models.load_checkpoint(shipped)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in denoiser.net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in models.load_checkpoint(shipped, fold_bn=False)[0].net.modules())
     image = torch.rand(1, 1, 40, 72)
     with torch.no_grad():
         torch.testing.assert_close(denoiser.net(image), net.eval()(image), rtol=1e-4, atol=1e-5)
