@@ -1,15 +1,18 @@
 """Noise-level robustness: every method scored at several input noise levels, so one sees which
 method keeps working on a scanner noisier or quieter than the data it was trained or tuned on.
 
-    python bench/robustness.py                        # duke28 test split, levels k = 0, 1, 2, 4
+    python bench/robustness.py                        # duke28 test split, levels k = 0, 1, 2, 4 and s = 1.5, 2
     python bench/robustness.py --dataset synthetic    # speckle strengths s = 0.5, 1.0, 1.5
     python bench/robustness.py --quick                # 2 images; BM3D/BM4D only if --methods names them
     python bench/robustness.py --methods noisy,nlm,tcfl_duke28      # keys: see --help
     python bench/robustness.py --split val --methods noisy,blur,nlm,tcfl_duke28   # validation subjects 9-10
+    python bench/robustness.py --split val --methods nlm --ckpt runs/x/epoch_8.pth  # any checkpoint as a row
 
 duke28 (../shared/data/duke_bioptigen): level k is the mean (display domain, [0, 1]) of test.tif
 and its k nearest registered neighbours (2.tif, 3.tif, then 1.tif, 4.tif): a quieter scan, as from
-averaging k + 1 B-scans; k = 0 is the single B-scan everything was trained and tuned on.
+averaging k + 1 B-scans; k = 0 is the single B-scan everything was trained and tuned on. Noisier than that, s = 1.5 and 2:
+the B-scan's residual against the reference scaled by s, as for synthetic below (the residual also
+holds what registration and averaging left, scaled alike).
 synthetic: level s scales the display-domain speckle residual, clip(clean + s (noisy - clean), 0, 1);
 s = 1 is the training level, 0.5 quieter, 1.5 noisier. Each level is described by its input's
 mean PSNR against the reference. BM4D reads the 5-B-scan volume 1, 2, centre, 3, 4 with the
@@ -23,6 +26,7 @@ to the git-ignored img/.
 import argparse
 import dataclasses
 import functools
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -35,6 +39,7 @@ import models
 import scoring
 
 DUKE_LEVELS = (0, 1, 2, 4)             # neighbours averaged with test.tif
+DUKE_NOISIER = (1.5, 2.0)              # the residual against the reference scaled by s
 NEAREST_FIRST = (1, 2, 0, 3)           # Sample.neighbours = [1, 2, 3, 4].tif; the volume is 1, 2, test, 3, 4
 SPECKLE_LEVELS = (0.5, 1.0, 1.5)       # synthetic speckle strength
 SLOW = ("bm3d", "bm4d")                # left out by --quick unless --methods names them
@@ -63,7 +68,8 @@ def scaled(sample, s):
 
 def make_levels(dataset, samples):
     if dataset == "duke28":
-        return [Level(f"k={k}", k == 0, [averaged(x, k) for x in samples]) for k in DUKE_LEVELS]
+        return ([Level(f"k={k}", k == 0, [averaged(x, k) for x in samples]) for k in DUKE_LEVELS]
+                + [Level(f"s={s:g}", False, [scaled(x, s) for x in samples]) for s in DUKE_NOISIER])
     return [Level(f"s={s}", s == 1.0, [scaled(x, s) for x in samples]) for s in SPECKLE_LEVELS]
 
 
@@ -71,13 +77,16 @@ def checkpoint_denoiser(path):
     return models.load_checkpoint(path)[0]
 
 
-def method_table():
-    """key -> (row label, B-scans read per output, loader returning denoise(input); None: the input itself)."""
+def method_table(extra_checkpoints=()):
+    """key -> (row label, B-scans read per output, loader returning denoise(input); None: the input itself).
+    extra_checkpoints: more checkpoint paths (--ckpt), keyed and labelled by their path."""
     table = {"noisy": (NOISY, 1, None),
              **{key: (f"{spec.name}.py", 5 if spec.volume else 1, lambda spec=spec: spec.denoise)
                 for key, spec in baselines.CLASSICAL.items()}}
     for path in shipped_checkpoints():
         table[path.name.removesuffix("_G.pth")] = (path.name, 1, functools.partial(checkpoint_denoiser, path))
+    for path in extra_checkpoints:
+        table[str(path)] = (str(path), 1, functools.partial(checkpoint_denoiser, path))
     return table
 
 
@@ -170,9 +179,14 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256, help="synthetic image size")
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="val: train.py's validation subjects (duke28 9-10), for choosing levers without the test split")
+    parser.add_argument("--ckpt", action="append", default=[], metavar="PATH",
+                        help="also score this checkpoint (train.py's epoch_N.pth or an exported file); repeatable")
     args = parser.parse_args(argv)
-    table = method_table()
-    keys = choose(args.methods, table, args.quick)
+    for path in args.ckpt:
+        if not Path(path).is_file():
+            raise SystemExit(f"--ckpt: {path}: checkpoint not found")
+    table = method_table(args.ckpt)
+    keys = list(dict.fromkeys(choose(args.methods, table, args.quick) + args.ckpt))
     info = machine()
     args.dataset, samples = test_samples(args.dataset, args.size, args.quick, args.split)
 

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import datasets  # noqa: E402
+import models  # noqa: E402
 import robustness  # noqa: E402
 
 
@@ -35,6 +37,30 @@ def test_synthetic_levels_scale_the_speckle_residual_of_every_bscan():
     assert float(level.noisy.mean()) == 0.0 and [float(n.mean()) for n in level.neighbours] == [1.0] * 4
     level = robustness.scaled(constant_sample(), 0.5)
     assert float(level.noisy.mean()) == 0.25 and float(level.neighbours[0].mean()) == 0.75
+
+
+def test_duke28_levels_run_from_quieter_to_noisier():
+    levels = robustness.make_levels("duke28", [constant_sample()])
+    assert [level.name for level in levels] == ["k=0", "k=1", "k=2", "k=4", "s=1.5", "s=2"]
+    assert [level.training for level in levels] == [True] + [False] * 5
+    # s: the residual against the reference (0.5) scaled: 0.5 + 2 (0 - 0.5) = -0.5, clipped to 0
+    noisier = levels[-1].samples[0]
+    assert float(noisier.noisy.mean()) == 0.0 and float(noisier.neighbours[0].mean()) == 1.0
+    assert float(levels[1].samples[0].noisy.mean()) == 1.0  # k=1: test.tif with 2.tif
+
+
+def test_ckpt_adds_any_checkpoint_as_a_row(tmp_path):
+    missing = tmp_path / "epoch_3.pth"
+    with pytest.raises(SystemExit, match="epoch_3.pth: checkpoint not found"):
+        robustness.main(["--dataset", "synthetic", "--ckpt", str(missing), "--no_save"])
+    torch.manual_seed(0)
+    path = tmp_path / "g.pth"
+    torch.save({"generator": models.build_generator("dncnn").state_dict(), "backbone": "dncnn", "method": "tcfl"}, path)
+    payload = robustness.main(["--dataset", "synthetic", "--quick", "--no_save", "--size", "48",
+                               "--methods", "noisy", "--ckpt", str(path)])
+    assert list(payload["results"]) == ["noisy input", str(path)]
+    row = payload["results"][str(path)]
+    assert list(row) == ["s=0.5", "s=1.0", "s=1.5"] and row["s=1.0"]["n_images"] == 2
 
 
 def test_quick_leaves_out_bm3d_and_bm4d_unless_named():
