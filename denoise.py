@@ -106,11 +106,14 @@ def main(argv=None):
         raise DataError("two inputs share a file name, so their outputs would collide; denoise them separately")
     denoise = make_denoiser(args)
 
-    failed, bscans, start = [], 0, time.perf_counter()
+    failed, bscans, gains, start = [], 0, [], time.perf_counter()
     for path in tqdm(files, desc="files", disable=len(files) == 1):
         try:
             images, dtype, is_stack = read_slices(path)
-            outputs = [denoise(image) for image in tqdm(images, desc=path.name, unit="B-scan", disable=len(images) == 1)]
+            outputs = []
+            for image in tqdm(images, desc=path.name, unit="B-scan", disable=len(images) == 1):
+                outputs.append(denoise(image))
+                gains.append(getattr(denoise, "last_gain", 1.0))  # models.Denoiser's --noise_adapt
             write_slices(out_dir / path.name, outputs, dtype, is_stack)
             bscans += len(outputs)
         except DataError as error:
@@ -119,6 +122,10 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     print(f"denoised {len(files) - len(failed)} of {len(files)} file(s) into {out_dir}: {bscans} B-scan(s) in "
           f"{seconds:.1f} s ({bscans / seconds:.2f} B-scans/s, reading and writing included), peak memory {peak_memory()}")
+    adapted = [g for g in gains if g < 1]
+    if adapted:
+        print(f"noise adaptation: {len(adapted)} of {len(gains)} B-scan(s) noisier than the training scans, contrast "
+              f"compressed x{min(adapted):.2f}-x{max(adapted):.2f} before the network (--no-noise_adapt: off)")
     if failed:
         print(f"failed ({len(failed)}): " + ", ".join(failed))
         return 1

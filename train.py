@@ -31,7 +31,7 @@ from tqdm import tqdm
 import datasets
 import trainers
 from options import parse_args
-from utils import DataError, bin_laterally, psnr, resolve_device, ssim
+from utils import DataError, bin_laterally, noise_sigma, psnr, resolve_device, ssim
 
 
 class TrainingStopped(Exception):
@@ -173,8 +173,9 @@ LOG_FIELDS = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "n
 class Run:
     """A training run's state beyond the trainer: step, validation history, the log, checkpoints (rank 0 writes)."""
 
-    def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch):
+    def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_sigma):
         self.args, self.trainer, self.val_samples = args, trainer, val_samples
+        self.noise_sigma = noise_sigma  # the training scans' median noise level: evaluate.py's --noise_adapt
         self.ddp, self.rank, self.world, self.master = ddp, rank, world, rank == 0
         self.steps_per_epoch, self.step, self.history, self.window = steps_per_epoch, 0, [], []
         self.log_path, self.start = Path(args.ckpt_dir) / "log.csv", time.time()
@@ -191,6 +192,10 @@ class Run:
         if self.master:
             print(f"resuming from {path} (step {self.step})")
 
+    def denoiser(self):
+        """What evaluate.py will load from this run's checkpoint."""
+        return self.trainer.denoiser(self.args.lateral_bin, self.noise_sigma)
+
     def save_checkpoint(self, epoch):
         """One dict of plain types and tensors per epoch (loads with weights_only=True); every rank's RNG state."""
         rng = [torch.get_rng_state()]
@@ -202,7 +207,8 @@ class Run:
         args = self.args
         state = {**self.trainer.state_dict(), "epoch": epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
                  "world_size": self.world, "method": args.method, "backbone": args.backbone, "args": vars(args),
-                 "inference": {"lateral_bin": args.lateral_bin, "zero_mean": self.trainer.zero_mean},
+                 "inference": {"lateral_bin": args.lateral_bin, "zero_mean": self.trainer.zero_mean,
+                               "noise_sigma": self.noise_sigma},
                  "history": self.history, "rng": rng}
         tmp = Path(args.ckpt_dir) / f"epoch_{epoch}.pth.tmp"
         torch.save(state, tmp)
@@ -222,7 +228,7 @@ class Run:
         epoch = (self.step - 1) // self.steps_per_epoch + 1
         row = {"epoch": epoch, "step": self.step, **mean, "val_psnr": "", "val_ssim": "", "seconds": round(time.time() - self.start, 1)}
         if (epoch_done or last) and self.val_samples:
-            row["val_psnr"], row["val_ssim"] = validate(self.trainer.denoiser(self.args.lateral_bin), self.val_samples)
+            row["val_psnr"], row["val_ssim"] = validate(self.denoiser(), self.val_samples)
             self.history.append({"epoch": epoch, "step": self.step, "val_psnr": row["val_psnr"], "val_ssim": row["val_ssim"],
                                  "loss_g": mean["loss_g"], "identity": mean["identity"]})
             tqdm.write(f"epoch {epoch} step {self.step}: validation PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}")
@@ -237,7 +243,7 @@ class Run:
         self.save_checkpoint(epoch)
         if self.master:
             img_dir = Path(self.args.img_dir)
-            save_figure(img_dir / f"epoch_{epoch}.png", self.trainer.denoiser(self.args.lateral_bin), sample)
+            save_figure(img_dir / f"epoch_{epoch}.png", self.denoiser(), sample)
             save_loss_curves(self.log_path, img_dir / "loss_curves.png")
 
 
@@ -311,7 +317,7 @@ def main(argv=None):
     if args.cosine:
         trainer.set_cosine_schedule(args.niter * steps_per_epoch)
 
-    run = Run(args, trainer, val_samples, ddp, rank, world, steps_per_epoch)
+    run = Run(args, trainer, val_samples, ddp, rank, world, steps_per_epoch, float(np.median([noise_sigma(x) for x in noisy])))
     if args.resume:
         run.resume(existing[max(existing)], device)
     if run.master:

@@ -3,6 +3,7 @@
 import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
+from skimage.restoration import estimate_sigma
 
 
 class DataError(Exception):
@@ -165,6 +166,11 @@ def all_metrics(ref, img):
 
 
 # ---- image helpers ----
+
+def noise_sigma(image):
+    """The noise standard deviation of a 2-D image: skimage's wavelet (MAD) estimate, as BM3D.py's threshold uses."""
+    return float(estimate_sigma(np.asarray(image, np.float32)))
+
 
 def check_lateral_bin(factor):
     """The one check of a lateral binning factor (train.py, the Denoiser, the baselines): a whole number >= 1."""

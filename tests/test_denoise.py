@@ -150,3 +150,27 @@ def test_precision_option_turns_bf16_on_only_where_asked_or_native(ckpt, monkeyp
     assert not bf16() and not bf16("--precision", "fp32") and bf16("--precision", "bf16")
     monkeypatch.setattr(utils, "bf16_is_native", lambda device: True)
     assert bf16() and not bf16("--precision", "fp32")
+
+
+def test_noise_adapt_reports_noisier_bscans_and_turns_off(tmp_path, capsys):
+    # A checkpoint recording a training noise level far below a speckle stack's: every page is adapted
+    # and the closing report says so; --no-noise_adapt gives the plain network's output.
+    torch.manual_seed(0)
+    path = tmp_path / "g.pth"
+    generator = models.build_generator("dncnn")
+    with torch.no_grad():
+        generator.body[-1].weight.mul_(1e3)  # a noise map of order 0.01-0.1, not ~0
+    torch.save({"generator": generator.state_dict(), "backbone": "dncnn", "method": "tcfl",
+                "inference": {"lateral_bin": 1, "zero_mean": True, "noise_sigma": 0.1}}, path)
+    stack = (speckle((2, 32, 48)) * 255).astype(np.uint8)
+    src = tmp_path / "in" / "volume.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    assert run([src], tmp_path / "on", path) == 0
+    assert re.search(r"noise adaptation: 2 of 2 B-scan\(s\) noisier than the training scans, contrast compressed x0\.\d\d",
+                     capsys.readouterr().out)
+    assert run([src], tmp_path / "off", path, "--no-noise_adapt") == 0
+    assert "noise adaptation" not in capsys.readouterr().out
+    on, off = (tifffile.imread(tmp_path / name / "volume.tif") for name in ("on", "off"))
+    plain = models.Denoiser(models.load_checkpoint(path)[0].net, zero_mean=True)(stack[0].astype(np.float32) / 255)
+    assert np.abs(off[0] / 255 - plain).max() <= 1 / 255 and np.mean(on != off) > 0.1

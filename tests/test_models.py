@@ -1,9 +1,16 @@
 """models.py: the backbones keep any input size, the published DnCNN and PatchGAN shapes, tiled inference
 equals untiled, the test-time ensembles."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 import models
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+DUKE = ROOT.parent / "shared" / "data" / "duke_bioptigen"
 
 
 @pytest.mark.parametrize("backbone", list(models.GENERATORS))
@@ -90,3 +97,42 @@ def test_loaded_checkpoint_runs_with_batchnorm_folded_and_matches_the_unfolded_n
     image = torch.rand(1, 1, 40, 72)
     with torch.no_grad():
         torch.testing.assert_close(denoiser.net(image), net.eval()(image), rtol=1e-4, atol=1e-5)
+
+
+def speckled(shape=(96, 80), seed=0):
+    """Mid-grey speckle-like image, well inside (0, 1) so no output is clipped."""
+    rng = np.random.default_rng(seed)
+    return (0.5 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def test_noise_adapt_sees_a_noisier_bscan_at_the_training_contrast():
+    # A B-scan at the training noise level goes through unchanged (gain 1). The same B-scan with its
+    # contrast expanded 1.5x about its mean is 1.5x as noisy: the net must see the original B-scan
+    # and its noise estimate come back 1.5x, so the output is the original's output expanded alike.
+    torch.manual_seed(0)
+    net = models.DnCNN().eval()
+    with torch.no_grad():
+        net.body[-1].weight.mul_(1e3)  # a noise map of order 0.01-0.1, not ~0
+    image = speckled()
+    plain = models.Denoiser(net, zero_mean=True)
+    adapting = models.Denoiser(net, zero_mean=True, noise_sigma=utils.noise_sigma(image))
+    np.testing.assert_array_equal(adapting(image), plain(image))
+    assert adapting.last_gain == 1.0
+    mean = image.mean()
+    noisier = (mean + 1.5 * (image - mean)).astype(np.float32)
+    expected = mean + 1.5 * (plain(image) - mean)
+    assert np.abs(plain(noisier) - expected).max() > 1e-2  # without adapting the net sees other speckle
+    np.testing.assert_allclose(adapting(noisier), expected, atol=2e-5)
+    assert adapting.last_gain == pytest.approx(1 / 1.5, rel=1e-3)
+    quieter = (mean + 0.5 * (image - mean)).astype(np.float32)
+    np.testing.assert_array_equal(adapting(quieter), plain(quieter))  # quieter: unchanged
+
+
+@pytest.mark.skipif(not DUKE.is_dir(), reason="needs ../shared/data/duke_bioptigen (the real Duke scans)")
+def test_shipped_checkpoint_records_its_training_scans_noise_level():
+    import datasets
+    denoiser, state = models.load_checkpoint(ROOT / "ckpt" / "tcfl_duke28_G.pth")
+    args = state["args"]
+    noisy = datasets.load_unpaired(args["dataset"], DUKE, args["split"], args["n_val"], seed=args["seed"])[0]
+    median = np.median([utils.noise_sigma(utils.bin_laterally(x, args["lateral_bin"])) for x in noisy])
+    assert len(noisy) == 40 and denoiser.noise_sigma == pytest.approx(median, rel=1e-6)
