@@ -77,7 +77,8 @@ def main(argv=None):
             parser.error("--export needs --epoch N or --ckpt PATH")
         if Path(args.export).exists():
             raise DataError(f"{args.export} exists; remove it first (nothing is overwritten)")
-        return models.export_checkpoint(models.checkpoint_path(args.ckpt, args.epoch, args.ckpt_dir), args.export)
+        return models.export_checkpoint(models.checkpoint_path(args.ckpt, args.epoch, args.ckpt_dir), args.export,
+                                        lateral_bin=args.lateral_bin)
     if args.outputs:
         samples = scoring.load_scoring_pairs(args)
         method = args.method or Path(args.outputs).name

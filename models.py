@@ -204,7 +204,7 @@ class Denoiser:
     zero_mean: remove the noise map's spatial mean (see predict_noise).
     ensemble: None, or average the flipped passes of ENSEMBLES['lr' | 'all'].
     tile, bf16: see predict_noise.
-    noise_sigma: the training scans' noise level at the net's scale (train.py records it; None: off).
+    noise_sigma: the training scans' noise level, estimated at full size (train.py records it; None: off).
         A B-scan noisier than that is fed to the net with its contrast compressed about its mean by
         gain = noise_sigma / its own noise estimate, and the net's noise estimate is expanded back
         by 1 / gain: the net sees speckle of the strength it learned, as BM3D.py's threshold follows
@@ -219,11 +219,11 @@ class Denoiser:
         self.ensemble, self.tile, self.bf16, self.noise_sigma = ensemble, tile, bf16, noise_sigma
         self.last_gain = 1.0
 
-    def gain(self, x):
-        """noise_sigma / the noise estimate of the (1, 1, H, W) input, at most 1 (class docstring)."""
+    def gain(self, image):
+        """noise_sigma / the noise estimate of the full-size 2-D B-scan, at most 1 (class docstring)."""
         if not self.noise_sigma:
             return 1.0
-        return min(1.0, self.noise_sigma / max(noise_sigma(x[0, 0].float().cpu().numpy()), 1e-6))
+        return min(1.0, self.noise_sigma / max(noise_sigma(image), 1e-6))
 
     def noise(self, x, gain=1.0):
         if gain >= 1.0:
@@ -232,9 +232,8 @@ class Denoiser:
         return predict_noise(self.net, mean + gain * (x - mean), self.tile, bf16=self.bf16, zero_mean=self.zero_mean) / gain
 
     @torch.no_grad()
-    def denoise_tensor(self, x):
+    def denoise_tensor(self, x, gain=1.0):
         """(1, 1, H, W) -> denoised, clamped to [0, 1], averaged over the ensemble's views."""
-        gain = self.last_gain = self.gain(x)
         if not self.ensemble:
             return (x - self.noise(x, gain)).clamp(0, 1)
         views, total = ENSEMBLES[self.ensemble], torch.zeros_like(x)
@@ -248,13 +247,16 @@ class Denoiser:
         """Always in eval mode (BatchNorm on its running statistics), also for a network mid-training."""
         device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
 
+        image = np.asarray(image, np.float32)
+        gain = self.last_gain = self.gain(image)
+
         def at_scale(small):
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None, None].to(device)
-            return self.denoise_tensor(x)[0, 0].cpu().numpy()
+            return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
         was_training = self.net.training
         self.net.eval()
         try:
-            return np.clip(at_lateral_scale(at_scale, np.asarray(image, np.float32), self.lateral_bin), 0, 1)
+            return np.clip(at_lateral_scale(at_scale, image, self.lateral_bin), 0, 1)
         finally:
             self.net.train(was_training)
 
@@ -546,13 +548,16 @@ def load_checkpoint(path, device="cpu", fold_bn=True):
     return Denoiser(net, **inference_settings(state)), state
 
 
-def export_checkpoint(path, out):
-    """Write the inference weights of a training checkpoint as a small shippable file."""
+def export_checkpoint(path, out, lateral_bin=None):
+    """Write the inference weights of a training checkpoint as a small shippable file.
+    lateral_bin: the binning it denoises with from now on (chosen on validation), if not the training one."""
     _, state = load_checkpoint(path)
-    keep = {k: state[k] for k in ("method", "backbone", "args", "inference", "epoch", "step", "history") if k in state}
-    torch.save({**keep, "generator": state.get("generator_ema") or state["generator"], "source": Path(path).name}, out)
+    keep = {k: state[k] for k in ("method", "backbone", "args", "epoch", "step", "history") if k in state}
+    inference = {**inference_settings(state), **({"lateral_bin": check_lateral_bin(lateral_bin)} if lateral_bin else {})}
+    torch.save({**keep, "inference": inference, "generator": state.get("generator_ema") or state["generator"],
+                "source": state.get("source", Path(path).name)}, out)
     print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB): {keep.get('method', 'tcfl')} / {keep['backbone']}, "
-          f"epoch {keep.get('epoch')}, step {keep.get('step')}")
+          f"epoch {keep.get('epoch')}, step {keep.get('step')}, denoising {inference['lateral_bin']}:1 laterally")
 
 
 def epoch_arg(value):

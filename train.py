@@ -87,10 +87,12 @@ def prepare_output(args, master):
 
 
 def load_training_data(args, data_kind):
-    """(dataset of triplets or registered pairs, the noisy training images, validation pairs), all laterally binned
-    by --lateral_bin: G learns at the binned scale and denoises there; validation scores at full size."""
+    """(dataset of triplets or registered pairs, the noisy training images, validation pairs, the noisy images'
+    median noise level at full size), all laterally binned by --lateral_bin: G learns at the binned scale and
+    denoises there; validation scores at full size."""
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
                                                        val_neighbours=args.val_neighbours)
+    noise_level = float(np.median([noise_sigma(image) for image in noisy]))  # models.Denoiser's --noise_adapt
     binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
     noisy, clean = binned(noisy), binned(clean)
     narrowest = min(image.shape[1] for image in noisy + clean)
@@ -102,7 +104,7 @@ def load_training_data(args, data_kind):
         dataset = datasets.PairedCropDataset([tuple(binned(pair)) for pair in pairs], args.patch_size, args.epoch_size, seed=args.seed)
     else:
         dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
-    return dataset, noisy, val_samples
+    return dataset, noisy, val_samples, noise_level
 
 
 def print_options(args, summary):
@@ -175,7 +177,7 @@ class Run:
 
     def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_sigma):
         self.args, self.trainer, self.val_samples = args, trainer, val_samples
-        self.noise_sigma = noise_sigma  # the training scans' median noise level: evaluate.py's --noise_adapt
+        self.noise_sigma = noise_sigma  # the training scans' median noise level: models.Denoiser's --noise_adapt
         self.ddp, self.rank, self.world, self.master = ddp, rank, world, rank == 0
         self.steps_per_epoch, self.step, self.history, self.window = steps_per_epoch, 0, [], []
         self.log_path, self.start = Path(args.ckpt_dir) / "log.csv", time.time()
@@ -306,7 +308,7 @@ def main(argv=None):
     existing = prepare_output(args, master=rank == 0)
 
     method = trainers.TRAINERS[args.method]
-    dataset, noisy, val_samples = load_training_data(args, method.data)
+    dataset, noisy, val_samples, noise_level = load_training_data(args, method.data)
     steps_per_epoch = args.epoch_size // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise DataError(f"--epoch_size {args.epoch_size} is smaller than one global batch ({args.batch_size} x {world})")
@@ -317,7 +319,7 @@ def main(argv=None):
     if args.cosine:
         trainer.set_cosine_schedule(args.niter * steps_per_epoch)
 
-    run = Run(args, trainer, val_samples, ddp, rank, world, steps_per_epoch, float(np.median([noise_sigma(x) for x in noisy])))
+    run = Run(args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_level)
     if args.resume:
         run.resume(existing[max(existing)], device)
     if run.master:

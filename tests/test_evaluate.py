@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
+import models  # noqa: E402
 import scoring  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
@@ -95,3 +97,20 @@ def test_paired_difference_interval():
     assert mixed["low"] < 0 < mixed["high"]  # the interval covers 0: no conclusion
     same = scoring.paired_difference([2.0, 2.0], [1.0, 1.0])
     assert same == {"mean": 1.0, "low": 1.0, "high": 1.0}
+
+
+def test_export_records_the_inference_binning_chosen_for_it(tmp_path):
+    # evaluate.py --export OUT --lateral_bin N: the file denoises N:1 from then on (denoise.py's default),
+    # its training options stay as they were; without --lateral_bin it keeps the training binning.
+    torch.manual_seed(0)
+    source = tmp_path / "epoch_1.pth"
+    torch.save({"generator": models.build_generator("dncnn").state_dict(), "backbone": "dncnn", "method": "tcfl",
+                "args": {"lateral_bin": 4}, "inference": {"lateral_bin": 4, "zero_mean": True, "noise_sigma": 0.1}}, source)
+    evaluate.main(["--ckpt", str(source), "--export", str(tmp_path / "as_trained.pth")])
+    evaluate.main(["--ckpt", str(source), "--export", str(tmp_path / "wider.pth"), "--lateral_bin", "8"])
+    as_trained, _ = models.load_checkpoint(tmp_path / "as_trained.pth")
+    wider, state = models.load_checkpoint(tmp_path / "wider.pth")
+    assert as_trained.lateral_bin == 4 and wider.lateral_bin == 8 and state["args"]["lateral_bin"] == 4
+    assert wider.zero_mean and wider.noise_sigma == 0.1
+    with pytest.raises(DataError, match="exists"):
+        evaluate.main(["--ckpt", str(source), "--export", str(tmp_path / "wider.pth")])
