@@ -75,7 +75,7 @@ BLUR = Baseline("blur", blur_denoise,
 BM3D_SIGMA_FACTOR = 2.5  # threshold sigma = sigma_factor * estimate_sigma(binned image)
 BM3D_LATERAL_BIN = 4  # lateral binning factor before BM3D (1 = full resolution)
 
-BM3D_TUNE_GRID = {"lateral_bin": (2, 3, 4), "sigma_factor": (2.0, 2.5, 3.0, 3.5)}
+BM3D_TUNE_GRID = {"lateral_bin": (2, 3, 4, 6, 8), "sigma_factor": (2.0, 2.5, 3.0, 3.5)}
 
 
 def bm3d_hard_threshold(image, sigma_factor):
@@ -127,7 +127,7 @@ SEARCH = 21        # search window side, pixels (OpenCV's recommended value)
 # (chosen from 160..280 at three (lateral_bin, h) settings).
 H16_PER_LEVEL = 220.0
 
-NLM_TUNE_GRID = {"lateral_bin": (1, 2, 3, 4), "h": (15, 20, 25, 30, 35, 40)}
+NLM_TUNE_GRID = {"lateral_bin": (1, 2, 3, 4, 6, 8), "h": (15, 20, 25, 30, 35, 40)}
 
 
 def is_8bit(image):

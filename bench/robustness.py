@@ -7,6 +7,7 @@ method keeps working on a scanner noisier or quieter than the data it was traine
     python bench/robustness.py --methods noisy,nlm,tcfl_duke28      # keys: see --help
     python bench/robustness.py --split val --methods noisy,blur,nlm,tcfl_duke28   # validation subjects 9-10
     python bench/robustness.py --split val --methods nlm --ckpt runs/x/epoch_8.pth  # any checkpoint as a row
+    python bench/robustness.py --split val --methods tcfl_duke28 --no_noise_adapt  # without --noise_adapt
 
 duke28 (../shared/data/duke_bioptigen): level k is the mean (display domain, [0, 1]) of test.tif
 and its k nearest registered neighbours (2.tif, 3.tif, then 1.tif, 4.tif): a quieter scan, as from
@@ -73,20 +74,24 @@ def make_levels(dataset, samples):
     return [Level(f"s={s}", s == 1.0, [scaled(x, s) for x in samples]) for s in SPECKLE_LEVELS]
 
 
-def checkpoint_denoiser(path):
-    return models.load_checkpoint(path)[0]
+def checkpoint_denoiser(path, noise_adapt=True):
+    denoiser = models.load_checkpoint(path)[0]
+    if not noise_adapt:  # as evaluate.py / denoise.py --no-noise_adapt
+        denoiser.noise_sigma = None
+    return denoiser
 
 
-def method_table(extra_checkpoints=()):
+def method_table(extra_checkpoints=(), noise_adapt=True):
     """key -> (row label, B-scans read per output, loader returning denoise(input); None: the input itself).
-    extra_checkpoints: more checkpoint paths (--ckpt), keyed and labelled by their path."""
+    extra_checkpoints: more checkpoint paths (--ckpt), keyed and labelled by their path;
+    noise_adapt False: every checkpoint without models.Denoiser's noise adaptation."""
     table = {"noisy": (NOISY, 1, None),
              **{key: (f"{spec.name}.py", 5 if spec.volume else 1, lambda spec=spec: spec.denoise)
                 for key, spec in baselines.CLASSICAL.items()}}
     for path in shipped_checkpoints():
-        table[path.name.removesuffix("_G.pth")] = (path.name, 1, functools.partial(checkpoint_denoiser, path))
+        table[path.name.removesuffix("_G.pth")] = (path.name, 1, functools.partial(checkpoint_denoiser, path, noise_adapt))
     for path in extra_checkpoints:
-        table[str(path)] = (str(path), 1, functools.partial(checkpoint_denoiser, path))
+        table[str(path)] = (str(path), 1, functools.partial(checkpoint_denoiser, path, noise_adapt))
     return table
 
 
@@ -181,11 +186,14 @@ def main(argv=None):
                         help="val: train.py's validation subjects (duke28 9-10), for choosing levers without the test split")
     parser.add_argument("--ckpt", action="append", default=[], metavar="PATH",
                         help="also score this checkpoint (train.py's epoch_N.pth or an exported file); repeatable")
+    parser.add_argument("--no_noise_adapt", action="store_true",
+                        help="checkpoints without their noise adaptation (evaluate.py --no-noise_adapt); print only")
     args = parser.parse_args(argv)
+    args.no_save = args.no_save or args.no_noise_adapt
     for path in args.ckpt:
         if not Path(path).is_file():
             raise SystemExit(f"--ckpt: {path}: checkpoint not found")
-    table = method_table(args.ckpt)
+    table = method_table(args.ckpt, noise_adapt=not args.no_noise_adapt)
     keys = list(dict.fromkeys(choose(args.methods, table, args.quick) + args.ckpt))
     info = machine()
     args.dataset, samples = test_samples(args.dataset, args.size, args.quick, args.split)

@@ -9,6 +9,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import grain  # noqa: E402
 import infer_speed  # noqa: E402
+import inference_bin  # noqa: E402
 import quality  # noqa: E402
 import train_speed  # noqa: E402
 
@@ -49,3 +50,20 @@ def test_grain_scores_validation_outputs_plain_and_blurred(tmp_path):
                 "args": {"lateral_bin": 2}}, path)
     rows = grain.main(["--ckpt", str(path), "--dataset", "synthetic", "--sigmas", "1.0", "--no_save"])
     assert [r["blur_sigma"] for r in rows] == [0.0, 1.0] and rows[1]["output_tv"] < rows[0]["output_tv"]
+
+
+@pytest.mark.skipif(not (BENCH.parent.parent / "shared" / "data" / "duke_bioptigen").is_dir(),
+                    reason="needs ../shared/data/duke_bioptigen (the real Duke scans)")
+def test_inference_bin_scores_the_validation_bscans_at_each_binning():
+    ckpt = BENCH.parent / "ckpt" / "tcfl_duke28_G.pth"
+    payload = inference_bin.main(["--ckpt", str(ckpt), "--bins", "4", "8", "--classical", "blur", "--no_save"])
+    rows = payload["rows"]
+    assert list(rows) == ["blur.py", "tcfl_duke28_G.pth at 4:1", "tcfl_duke28_G.pth at 8:1"]
+    assert payload["n_images"] == 10 and all(row["split"] == "val" and row["n_images"] == 10 for row in rows.values())
+    assert {r["id"] for r in rows["blur.py"]["per_image"]} >= {"9", "10", "9/1.tif"}  # subjects 9-10 and neighbours
+    # the paired difference is the difference of the means (same images, same order)
+    vs = rows["tcfl_duke28_G.pth at 8:1"]["vs"]["blur.py"]
+    assert vs["mean"] == pytest.approx(rows["tcfl_duke28_G.pth at 8:1"]["mean"]["PSNR"] - rows["blur.py"]["mean"]["PSNR"])
+    assert vs["low"] <= vs["mean"] <= vs["high"]
+    with pytest.raises(SystemExit, match="--classical: unknown or volume method bm4d"):
+        inference_bin.main(["--ckpt", str(ckpt), "--classical", "bm4d", "--no_save"])

@@ -61,6 +61,10 @@ def test_ckpt_adds_any_checkpoint_as_a_row(tmp_path):
     assert list(payload["results"]) == ["noisy input", str(path)]
     row = payload["results"][str(path)]
     assert list(row) == ["s=0.5", "s=1.0", "s=1.5"] and row["s=1.0"]["n_images"] == 2
+    assert robustness.method_table([path])[str(path)][2]().noise_sigma is None  # this file records no noise level
+    torch.save({**torch.load(path, weights_only=True), "inference": {"lateral_bin": 1, "zero_mean": True, "noise_sigma": 0.1}}, path)
+    assert robustness.method_table([path])[str(path)][2]().noise_sigma == 0.1
+    assert robustness.method_table([path], noise_adapt=False)[str(path)][2]().noise_sigma is None
 
 
 def test_quick_leaves_out_bm3d_and_bm4d_unless_named():

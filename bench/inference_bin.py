@@ -1,0 +1,80 @@
+"""How coarsely should a checkpoint bin B-scans laterally at inference? Validation images only.
+
+Scores a checkpoint at several inference binnings (--lateral_bin N of evaluate.py / denoise.py) on
+train.py's validation images with their registered neighbours (duke28 subjects 9-10: 10 B-scans;
+never the test split), beside blur.py, NLM.py and BM3D.py on the same images, with each binning's
+paired per-image difference to them (bootstrap 95 % interval over the 10 B-scans, which come from
+2 subjects, so read the intervals as optimistic). How the shipped checkpoint's 8:1 was chosen:
+
+    python bench/inference_bin.py --ckpt ckpt/tcfl_duke28_G.pth
+"""
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common import SHARED_DATA, machine, save
+
+import baselines
+import datasets
+import models
+import scoring
+
+BINS = (4, 6, 8, 10, 12, 16)
+CLASSICAL = ("blur", "nlm", "bm3d")
+
+
+def score_quietly(samples, outputs, label):
+    """scoring.score without its printed table (this script prints one table of its own)."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        return scoring.score(samples, outputs, label, "duke28", "val")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--data_root", default=str(SHARED_DATA / "duke_bioptigen"))
+    parser.add_argument("--bins", type=int, nargs="+", default=list(BINS))
+    parser.add_argument("--classical", default=",".join(CLASSICAL), help="baselines to compare with (keys of baselines.CLASSICAL)")
+    parser.add_argument("--no_save", action="store_true")
+    args = parser.parse_args(argv)
+    if not Path(args.data_root).is_dir():
+        raise SystemExit(f"{args.data_root}: not found (this benchmark needs the real Duke scans)")
+    info = machine()
+    samples = datasets.load_unpaired("duke28", args.data_root, "train", val_neighbours=True)[2]
+    denoiser, state = models.load_checkpoint(args.ckpt)
+    classical = [name.strip() for name in args.classical.split(",")]
+    unknown = [name for name in classical if name not in baselines.CLASSICAL or baselines.CLASSICAL[name].volume]
+    if unknown:
+        raise SystemExit(f"--classical: unknown or volume method {', '.join(unknown)} (use blur, nlm, bm3d)")
+    rows = {}
+    jobs = [(f"{baselines.CLASSICAL[name].name}.py", baselines.CLASSICAL[name].denoise) for name in classical]
+    jobs += [(f"{Path(args.ckpt).name} at {b}:1",
+              models.Denoiser(denoiser.net, lateral_bin=b, zero_mean=denoiser.zero_mean, noise_sigma=denoiser.noise_sigma))
+             for b in args.bins]
+    for label, denoise in tqdm(jobs, desc="inference binning"):
+        rows[label] = score_quietly(samples, [denoise(s.noisy) for s in samples], label)
+    per_image = {label: {k: [r[k] for r in row["per_image"]] for k in ("PSNR", "SSIM")} for label, row in rows.items()}
+    names = [f"{baselines.CLASSICAL[name].name}.py" for name in classical]
+    lines = ["| method | PSNR | SSIM | " + " | ".join(f"ΔPSNR vs {n} [95 % CI]" for n in names) + " |",
+             "|---" * (3 + len(names)) + "|"]
+    for label, row in rows.items():
+        cells = []
+        for name in names:
+            d = scoring.paired_difference(per_image[label]["PSNR"], per_image[name]["PSNR"])
+            row.setdefault("vs", {})[name] = d
+            cells.append("" if label == name else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
+        lines.append(f"| {label} | {row['mean']['PSNR']:.2f} | {row['mean']['SSIM']:.3f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(f"\nduke28 validation subjects 9-10 with their neighbours, {len(samples)} B-scans "
+          f"(trained binned {state.get('args', {}).get('lateral_bin', '?')}:1):\n{table}")
+    payload = {"machine": info, "ckpt": str(args.ckpt), "n_images": len(samples), "rows": rows, "markdown": table}
+    if not args.no_save:
+        save(f"inference_bin_{Path(args.ckpt).name.removesuffix('.pth')}", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
