@@ -175,7 +175,7 @@ LOG_FIELDS = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "n
 class Run:
     """A training run's state beyond the trainer: step, validation history, the log, checkpoints (rank 0 writes)."""
 
-    def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_sigma):
+    def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_sigma=None):
         self.args, self.trainer, self.val_samples = args, trainer, val_samples
         self.noise_sigma = noise_sigma  # the training scans' median noise level: models.Denoiser's --noise_adapt
         self.ddp, self.rank, self.world, self.master = ddp, rank, world, rank == 0
