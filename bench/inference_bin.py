@@ -7,8 +7,13 @@ paired per-image difference to them (bootstrap 95 % interval over the 10 B-scans
 2 subjects, so read the intervals as optimistic). How the shipped checkpoint's 8:1 was chosen:
 
     python bench/inference_bin.py --ckpt ckpt/tcfl_duke28_G.pth
+    python bench/inference_bin.py --ckpt ckpt/tcfl_duke28_G.pth --decimate 2 --bins 4 8   # and --decimate 3
+
+--decimate N keeps every N-th A-scan of the B-scans and references (as a scanner with N times
+fewer A-scans per millimetre would record them), to see whether a binning holds on coarser scans.
 """
 import argparse
+import dataclasses
 from pathlib import Path
 
 from tqdm import tqdm
@@ -38,12 +43,18 @@ def main(argv=None):
     parser.add_argument("--data_root", default=str(SHARED_DATA / "duke_bioptigen"))
     parser.add_argument("--bins", type=int, nargs="+", default=list(BINS))
     parser.add_argument("--classical", default=",".join(CLASSICAL), help="baselines to compare with (keys of baselines.CLASSICAL)")
+    parser.add_argument("--decimate", type=int, default=1, help="keep every N-th A-scan (1: the B-scans as recorded)")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)
+    if args.decimate < 1:
+        raise SystemExit(f"--decimate must be >= 1, got {args.decimate}")
     if not Path(args.data_root).is_dir():
         raise SystemExit(f"{args.data_root}: not found (this benchmark needs the real Duke scans)")
     info = machine()
     samples = datasets.load_unpaired("duke28", args.data_root, "train", val_neighbours=True)[2]
+    if args.decimate > 1:  # the ROIs (CNR, ...) are in full-size pixels: dropped
+        samples = [dataclasses.replace(s, noisy=s.noisy[:, ::args.decimate], clean=s.clean[:, ::args.decimate],
+                                       neighbours=[], rois=None) for s in samples]
     denoiser, state = models.load_checkpoint(args.ckpt)
     classical = [name.strip() for name in args.classical.split(",")]
     unknown = [name for name in classical if name not in baselines.CLASSICAL or baselines.CLASSICAL[name].volume]
@@ -68,11 +79,14 @@ def main(argv=None):
             cells.append("" if label == name else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
         lines.append(f"| {label} | {row['mean']['PSNR']:.2f} | {row['mean']['SSIM']:.3f} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    print(f"\nduke28 validation subjects 9-10 with their neighbours, {len(samples)} B-scans "
+    print(f"\nduke28 validation subjects 9-10 with their neighbours, {len(samples)} B-scans"
+          f"{f', 1 A-scan in {args.decimate} kept' if args.decimate > 1 else ''} "
           f"(trained binned {state.get('args', {}).get('lateral_bin', '?')}:1):\n{table}")
-    payload = {"machine": info, "ckpt": str(args.ckpt), "n_images": len(samples), "rows": rows, "markdown": table}
+    payload = {"machine": info, "ckpt": str(args.ckpt), "decimate": args.decimate, "n_images": len(samples),
+               "rows": rows, "markdown": table}
     if not args.no_save:
-        save(f"inference_bin_{Path(args.ckpt).name.removesuffix('.pth')}", payload)
+        save(f"inference_bin_{Path(args.ckpt).name.removesuffix('.pth')}"
+             f"{f'_decimate{args.decimate}' if args.decimate > 1 else ''}", payload)
     return payload
 
 

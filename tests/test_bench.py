@@ -65,5 +65,8 @@ def test_inference_bin_scores_the_validation_bscans_at_each_binning():
     vs = rows["tcfl_duke28_G.pth at 8:1"]["vs"]["blur.py"]
     assert vs["mean"] == pytest.approx(rows["tcfl_duke28_G.pth at 8:1"]["mean"]["PSNR"] - rows["blur.py"]["mean"]["PSNR"])
     assert vs["low"] <= vs["mean"] <= vs["high"]
+    coarse = inference_bin.main(["--ckpt", str(ckpt), "--bins", "4", "--classical", "blur", "--decimate", "2", "--no_save"])
+    assert coarse["decimate"] == 2 and coarse["rows"]["blur.py"]["n_images"] == 10
+    assert coarse["rows"]["blur.py"]["mean"]["PSNR"] != rows["blur.py"]["mean"]["PSNR"]  # other images: every 2nd A-scan
     with pytest.raises(SystemExit, match="--classical: unknown or volume method bm4d"):
         inference_bin.main(["--ckpt", str(ckpt), "--classical", "bm4d", "--no_save"])
