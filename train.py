@@ -92,7 +92,8 @@ def load_training_data(args, data_kind):
     denoises there; validation scores at full size."""
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
                                                        val_neighbours=args.val_neighbours)
-    noise_level = float(np.median([noise_sigma(image) for image in noisy]))  # models.Denoiser's --noise_adapt
+    # models.Denoiser's --noise_adapt level: the median over (at most ~100 of) the noisy training images
+    noise_level = float(np.median([noise_sigma(image) for image in noisy[::max(1, len(noisy) // 100)]]))
     binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
     noisy, clean = binned(noisy), binned(clean)
     narrowest = min(image.shape[1] for image in noisy + clean)
