@@ -122,10 +122,10 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     print(f"denoised {len(files) - len(failed)} of {len(files)} file(s) into {out_dir}: {bscans} B-scan(s) in "
           f"{seconds:.1f} s ({bscans / seconds:.2f} B-scans/s, reading and writing included), peak memory {peak_memory()}")
-    if any(g != 1 for g in gains):
-        print(f"noise adaptation: contrast scaled x{min(gains):.2f}-x{max(gains):.2f} to the training scans' noise level "
-              f"before the network ({sum(g < 1 for g in gains)} of {len(gains)} B-scan(s) noisier, "
-              f"{sum(g > 1 for g in gains)} quieter; --no-noise_adapt: off)")
+    adapted = [g for g in gains if g < 1]
+    if adapted:
+        print(f"noise adaptation: {len(adapted)} of {len(gains)} B-scan(s) noisier than the training scans, contrast "
+              f"compressed x{min(adapted):.2f}-x{max(adapted):.2f} before the network (--no-noise_adapt: off)")
     if failed:
         print(f"failed ({len(failed)}): " + ", ".join(failed))
         return 1

@@ -105,11 +105,10 @@ def speckled(shape=(96, 80), seed=0):
     return (0.5 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
 
 
-def test_noise_adapt_sees_noisier_and_quieter_bscans_at_the_training_contrast():
+def test_noise_adapt_sees_a_noisier_bscan_at_the_training_contrast():
     # A B-scan at the training noise level goes through unchanged (gain 1). The same B-scan with its
     # contrast expanded 1.5x about its mean is 1.5x as noisy: the net must see the original B-scan
-    # and its noise estimate come back 1.5x, so the output is the original's output expanded alike;
-    # a quieter one (contrast halved) likewise the other way.
+    # and its noise estimate come back 1.5x, so the output is the original's output expanded alike.
     torch.manual_seed(0)
     net = models.DnCNN().eval()
     with torch.no_grad():
@@ -125,11 +124,8 @@ def test_noise_adapt_sees_noisier_and_quieter_bscans_at_the_training_contrast():
     assert np.abs(plain(noisier) - expected).max() > 1e-2  # without adapting the net sees other speckle
     np.testing.assert_allclose(adapting(noisier), expected, atol=2e-5)
     assert adapting.last_gain == pytest.approx(1 / 1.5, rel=1e-3)
-    quieter = (mean + 0.5 * (image - mean)).astype(np.float32)  # expanded back 2x: the net sees the original
-    np.testing.assert_allclose(adapting(quieter), mean + 0.5 * (plain(image) - mean), atol=2e-5)
-    assert adapting.last_gain == pytest.approx(2.0, rel=1e-3)
-    adapting(mean + 0.1 * (image - mean))  # 10x quieter: expanded no more than MAX_EXPANSION
-    assert adapting.last_gain == models.MAX_EXPANSION == 2.5
+    quieter = (mean + 0.5 * (image - mean)).astype(np.float32)
+    np.testing.assert_array_equal(adapting(quieter), plain(quieter))  # quieter: unchanged
 
 
 @pytest.mark.skipif(not DUKE.is_dir(), reason="needs ../shared/data/duke_bioptigen (the real Duke scans)")
