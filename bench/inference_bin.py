@@ -13,7 +13,9 @@ paired per-image difference to them (bootstrap 95 % interval over the 10 B-scans
 fewer A-scans per millimetre would record them), to see whether a binning holds on coarser scans.
 """
 import argparse
+import contextlib
 import dataclasses
+import io
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,8 +33,6 @@ CLASSICAL = ("blur", "nlm", "bm3d")
 
 def score_quietly(samples, outputs, label):
     """scoring.score without its printed table (this script prints one table of its own)."""
-    import contextlib
-    import io
     with contextlib.redirect_stdout(io.StringIO()):
         return scoring.score(samples, outputs, label, "duke28", "val")
 
