@@ -25,7 +25,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 import synthetic
-from utils import DataError
+from utils import DataError, context_stack
 
 DATASETS = ("synthetic", "pku37", "duke17", "duke28")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -342,18 +342,35 @@ def neighbours_as_samples(samples):
                       for s in samples for k, neighbour in enumerate(s.neighbours, 1)]
 
 
-def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0, val_neighbours=False):
+def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0, val_neighbours=False,
+                  neighbours=0):
     """Unpaired training data: (noisy images, clean images, validation pairs).
 
     Validation pairs are held back from training (never taken from the test split):
     the last n_val subjects of duke28's train split, fresh phantoms for synthetic;
     val_neighbours: also their registered neighbour B-scans (neighbours_as_samples).
+    neighbours > 0 (train.py --neighbours, duke28 only): each noisy image is a (1 + neighbours, H, W)
+    stack, the B-scan then its nearest registered B-scans (utils.context_stack); every B-scan of a
+    subject's 1, 2, test, 3, 4 takes the centre once.
     """
-    noisy, clean, val = _load_unpaired(dataset, root, split, n_val, synthetic_size, seed)
+    if neighbours and dataset != "duke28":
+        raise DataError(f"--neighbours {neighbours} needs registered neighbouring B-scans: --dataset duke28, not {dataset}")
+    noisy, clean, val = _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours)
     return noisy, clean, neighbours_as_samples(val) if val_neighbours else val
 
 
-def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed):
+def _duke28_noisy(subject, neighbours):
+    """A training subject's noisy images: test.tif then 1..4.tif (those present), or their context stacks."""
+    present = [subject / f"{k}.tif" for k in range(1, 5) if (subject / f"{k}.tif").is_file()]
+    images = [read_image(subject / "test.tif")[0]] + [read_image(p)[0] for p in present]
+    if not neighbours:
+        return images
+    half = len(present) // 2
+    volume = images[1:1 + half] + images[:1] + images[1 + half:]  # 1, 2, test, 3, 4: the scanning order
+    return [context_stack(volume, i, neighbours) for i in range(len(volume))]
+
+
+def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours=0):
     _check_dataset(dataset)
     if n_val < 0:
         raise DataError(f"--n_val must be >= 0, got {n_val}")
@@ -385,8 +402,7 @@ def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed):
         noisy, clean = [], []
         for d in train:
             # test.tif is the subject's own noisy scan (required); 1..4.tif are optional neighbours.
-            noisy.append(read_image(d / "test.tif")[0])
-            noisy += [read_image(d / f"{k}.tif")[0] for k in range(1, 5) if (d / f"{k}.tif").is_file()]
+            noisy += _duke28_noisy(d, neighbours)
             clean.append(read_image(d / "average.tif")[0])
         return noisy, clean, _with_rois([_duke28_pair(d) for d in held_back], root)
     if dataset == "pku37":
@@ -399,14 +415,30 @@ def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed):
 # ---------------------------------------------------------------- training triplets
 
 def random_crop(image, size, rng):
-    height, width = image.shape
+    """A size x size crop of an (H, W) image or a (C, H, W) stack, left-right flipped half the time."""
+    height, width = image.shape[-2:]
     if height < size or width < size:
         raise DataError(f"image of size {height}x{width} is smaller than --patch_size {size}")
     top = rng.randrange(height - size + 1)
     left = rng.randrange(width - size + 1)
-    crop = image[top:top + size, left:left + size]
+    crop = image[..., top:top + size, left:left + size]
     # Only left-right flips: up-down would put the vitreous below the retina.
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
+    return crop[..., ::-1] if rng.random() < 0.5 else crop
+
+
+# The share of training stacks (train.py --neighbours) whose neighbours are replaced by copies of the
+# B-scan: what the network sees at inference where a B-scan has no neighbours (utils.context_stack).
+NEIGHBOUR_DROPOUT = 0.1
+
+
+def as_tensor(crop, rng):
+    """(1, h, w) float32 for an image crop; (C, h, w) for a stack crop, its neighbours dropped (NEIGHBOUR_DROPOUT)."""
+    crop = np.ascontiguousarray(crop, dtype=np.float32)  # float32 whatever the caller's arrays hold
+    if crop.ndim == 2:
+        return torch.from_numpy(crop)[None]
+    if rng.random() < NEIGHBOUR_DROPOUT:
+        crop = np.repeat(crop[:1], len(crop), axis=0)
+    return torch.from_numpy(crop)
 
 
 class TripletDataset(torch.utils.data.Dataset):
@@ -425,8 +457,8 @@ class TripletDataset(torch.utils.data.Dataset):
         # Checked here: inside a DataLoader worker the error would surface mid-epoch, wrapped.
         for kind, images in (("noisy", noisy), ("clean", clean)):
             for i, image in enumerate(images):
-                if min(image.shape) < patch_size:
-                    raise DataError(f"{kind} training image {i} is {image.shape[0]}x{image.shape[1]}, "
+                if min(image.shape[-2:]) < patch_size:
+                    raise DataError(f"{kind} training image {i} is {image.shape[-2]}x{image.shape[-1]}, "
                                     f"smaller than --patch_size {patch_size}")
         self.noisy, self.clean = noisy, clean
         self.patch_size, self.length, self.seed = patch_size, length, seed
@@ -443,8 +475,7 @@ class TripletDataset(torch.utils.data.Dataset):
         a, b = rng.sample(range(len(self.noisy)), 2)
         c = rng.randrange(len(self.clean))
         crops = [random_crop(image, self.patch_size, rng) for image in (self.noisy[a], self.noisy[b], self.clean[c])]
-        # float32 whatever the caller's arrays hold: the networks' weights are float32.
-        return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None] for crop in crops)
+        return tuple(as_tensor(crop, rng) for crop in crops)
 
 
 # ---------------------------------------------------------------- patches for the other methods

@@ -6,6 +6,8 @@
 
 Each output keeps its input's file name, pixel type and bit depth (uint16 stays uint16 with
 its full range) and a stack stays a stack. Nothing is overwritten without --overwrite.
+A checkpoint trained with --neighbours K reads each page of a stack with its K nearest pages
+(registered B-scans of one volume); a single image is denoised alone.
 """
 import argparse
 import sys
@@ -111,8 +113,10 @@ def main(argv=None):
         try:
             images, dtype, is_stack = read_slices(path)
             outputs = []
-            for image in tqdm(images, desc=path.name, unit="B-scan", disable=len(images) == 1):
-                outputs.append(denoise(image))
+            # a --neighbours checkpoint's models.Denoiser reads each page with its nearest pages
+            volume = np.stack(images) if getattr(denoise, "neighbours", 0) else None
+            for i, image in enumerate(tqdm(images, desc=path.name, unit="B-scan", disable=len(images) == 1)):
+                outputs.append(denoise(image) if volume is None else denoise(volume, centre=i))
                 gains.append(getattr(denoise, "last_gain", 1.0))  # models.Denoiser's --noise_adapt
             write_slices(out_dir / path.name, outputs, dtype, is_stack)
             bscans += len(outputs)

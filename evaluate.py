@@ -53,14 +53,15 @@ def evaluate_checkpoint(args):
     outputs, seconds = [], []
     for sample in tqdm(samples, desc=f"denoise ({path.name})"):
         start = time.perf_counter()
-        outputs.append(denoiser(sample.noisy))
+        outputs.append(denoiser(sample.volume()))  # a --neighbours net reads the B-scan's neighbours too
         seconds.append(time.perf_counter() - start)
     for sample, output in zip(samples, outputs):
         datasets.write_image(out_dir / f"{sample.id}.tif", output, sample.bit_depth)
     save_comparison(out_dir / "comparison.png", samples[0], outputs[0], method)
     print(f"denoised images and comparison figure: {out_dir}/")
+    bscans = 1 + min(denoiser.neighbours, min(len(s.neighbours) for s in samples))
     return scoring.score(samples, outputs, method, args.dataset, args.split, float(np.mean(seconds)),
-                         out_dir / "scores.csv", args.json)
+                         out_dir / "scores.csv", args.json, bscans=bscans)
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """Generators (noise predictors) and the PatchGAN discriminator.
 
 Every generator maps a noisy B-scan x (N, 1, H, W) to its estimated noise n, so the
-denoised image is x - G(x), as in TCFL. Pick one with --backbone; GENERATORS maps
-the name to the class.
+denoised image is x - G(x), as in TCFL. With in_channels = 1 + k (train.py --neighbours k) it
+reads the B-scan and its k nearest registered B-scans and still returns the B-scan's noise.
+Pick one with --backbone; GENERATORS maps the name to the class.
 """
 import argparse
 import csv
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from utils import DataError, at_lateral_scale, check_lateral_bin, noise_sigma, resolve_device, use_bf16
+from utils import DataError, at_lateral_scale, check_lateral_bin, context_stack, noise_sigma, resolve_device, use_bf16
 
 
 def init_weights(module):
@@ -31,9 +32,9 @@ def init_weights(module):
 class DnCNN(nn.Module):
     """The published TCFL generator: 10 3x3 convs, 64 features, BN + LeakyReLU inside."""
 
-    def __init__(self, depth=10, features=64):
+    def __init__(self, depth=10, features=64, in_channels=1):
         super().__init__()
-        layers = [nn.Conv2d(1, features, 3, padding=1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
+        layers = [nn.Conv2d(in_channels, features, 3, padding=1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(features, features, 3, padding=1, bias=False),
                        nn.BatchNorm2d(features), nn.LeakyReLU(0.2, inplace=True)]
@@ -53,10 +54,10 @@ def conv_block(in_channels, out_channels):
 class UNet(nn.Module):
     """A small 3-level UNet; pads any input to a multiple of 8 and crops back."""
 
-    def __init__(self, features=32):
+    def __init__(self, features=32, in_channels=1):
         super().__init__()
         f = features
-        self.down = nn.ModuleList([conv_block(1, f), conv_block(f, 2 * f), conv_block(2 * f, 4 * f)])
+        self.down = nn.ModuleList([conv_block(in_channels, f), conv_block(f, 2 * f), conv_block(2 * f, 4 * f)])
         self.bottom = conv_block(4 * f, 8 * f)
         self.up = nn.ModuleList([nn.ConvTranspose2d(8 * f, 4 * f, 2, stride=2),
                                  nn.ConvTranspose2d(4 * f, 2 * f, 2, stride=2),
@@ -101,9 +102,9 @@ class SRDenseNet(nn.Module):
     """SRDenseNet with all blocks' outputs concatenated and a 1x1 bottleneck;
     the upsampling of the super-resolution original is dropped (stride 1 throughout)."""
 
-    def __init__(self, blocks=4, growth=16, layers_per_block=4, features=64):
+    def __init__(self, blocks=4, growth=16, layers_per_block=4, features=64, in_channels=1):
         super().__init__()
-        self.head = nn.Sequential(nn.Conv2d(1, features, 3, padding=1), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.Conv2d(in_channels, features, 3, padding=1), nn.ReLU(inplace=True))
         self.blocks = nn.ModuleList()
         channels = features
         for _ in range(blocks):
@@ -142,11 +143,17 @@ class PatchGAN(nn.Module):
 GENERATORS = {"dncnn": DnCNN, "unet": UNet, "srdensenet": SRDenseNet}
 
 
-def build_generator(backbone):
+def build_generator(backbone, in_channels=1):
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
-    model = GENERATORS[backbone]()
+    model = GENERATORS[backbone](in_channels=in_channels)
     model.apply(init_weights)
+    if in_channels > 1:
+        # The neighbours' input weights start at zero: G starts as the single-B-scan network and learns
+        # to use the neighbours from there (random ones slowed the first 200 steps: docs/training.md).
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        with torch.no_grad():
+            first.weight[:, 1:] = 0
     return model
 
 
@@ -174,7 +181,7 @@ def predict_noise(net, image, tile=512, margin=32, bf16=False, zero_mean=False):
         with autocast:
             noise = net(image).float()
     else:
-        noise = torch.empty_like(image)
+        noise = torch.empty_like(image[:, :1])  # a stack's input channels -> its B-scan's noise
         for top in range(0, height, tile):
             for left in range(0, width, tile):
                 t0, l0 = max(top - margin, 0), max(left - margin, 0)
@@ -199,6 +206,10 @@ class Denoiser:
     as they call the classical baselines' denoise functions.
 
     net: module noisy (N, 1, H, W) -> noise, so the output is clip(x - net(x), 0, 1).
+    neighbours: k > 0 for a net trained with train.py --neighbours k, which reads (N, 1 + k, H, W): the
+        B-scan, then its k nearest registered B-scans (utils.context_stack). Call it with the volume
+        (S, H, W) and the index of the B-scan to denoise (default: the middle one, as Sample.volume()
+        holds it); a 2-D B-scan alone gets copies of itself as neighbours (the fallback it trained on).
     lateral_bin: a net trained on B-scans binned N:1 laterally (train.py --lateral_bin) denoises
         the B-scan binned the same way, and the output is resized back to the input's size.
     zero_mean: remove the noise map's spatial mean (see predict_noise).
@@ -213,11 +224,13 @@ class Denoiser:
         -0.05 to +0.05 on the Duke validation B-scans (docs/training.md). `last_gain`: the latest B-scan's.
     """
 
-    def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False, noise_sigma=None):
+    def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False, noise_sigma=None,
+                 neighbours=0):
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble}")
         self.net, self.lateral_bin, self.zero_mean = net, check_lateral_bin(lateral_bin), zero_mean
         self.ensemble, self.tile, self.bf16, self.noise_sigma = ensemble, tile, bf16, noise_sigma
+        self.neighbours = neighbours
         self.last_gain = 1.0
 
     def gain(self, image):
@@ -234,30 +247,34 @@ class Denoiser:
 
     @torch.no_grad()
     def denoise_tensor(self, x, gain=1.0):
-        """(1, 1, H, W) -> denoised, clamped to [0, 1], averaged over the ensemble's views."""
+        """(1, 1 + neighbours, H, W) -> the denoised B-scan (1, 1, H, W), clamped to [0, 1], averaged over the ensemble's views."""
         if not self.ensemble:
-            return (x - self.noise(x, gain)).clamp(0, 1)
-        views, total = ENSEMBLES[self.ensemble], torch.zeros_like(x)
+            return (x[:, :1] - self.noise(x, gain)).clamp(0, 1)
+        views, total = ENSEMBLES[self.ensemble], torch.zeros_like(x[:, :1])
         for k, flip in views:
             view = torch.rot90(x.flip(-1) if flip else x, k, (-2, -1))
-            out = torch.rot90(view - self.noise(view, gain), -k, (-2, -1))
+            out = torch.rot90(view[:, :1] - self.noise(view, gain), -k, (-2, -1))
             total += out.flip(-1) if flip else out
         return (total / len(views)).clamp(0, 1)
 
-    def __call__(self, image):
-        """Always in eval mode (BatchNorm on its running statistics), also for a network mid-training."""
+    def __call__(self, image, centre=None):
+        """image: a 2-D B-scan, or a volume (S, H, W) and the index of its B-scan to denoise (default S // 2).
+        Always in eval mode (BatchNorm on its running statistics), also for a network mid-training."""
         device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
 
         image = np.asarray(image, np.float32)
-        gain = self.last_gain = self.gain(image)
+        slices = image if image.ndim == 3 else image[None]
+        centre = len(slices) // 2 if centre is None else centre
+        stack = context_stack(slices, centre, self.neighbours)
+        gain = self.last_gain = self.gain(stack[0])
 
         def at_scale(small):
-            x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None, None].to(device)
+            x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None].to(device)
             return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
         was_training = self.net.training
         self.net.eval()
         try:
-            return np.clip(at_lateral_scale(at_scale, image, self.lateral_bin), 0, 1)
+            return np.clip(at_lateral_scale(at_scale, stack, self.lateral_bin), 0, 1)
         finally:
             self.net.train(was_training)
 
@@ -465,7 +482,9 @@ def build_denoiser(method, backbone, args=None):
     args: the run's options as a dict (a checkpoint's "args"); only the method's own are read.
     """
     args = args or {}
-    if method in ("tcfl", "n2n"):
+    if method == "tcfl":
+        return build_generator(backbone, in_channels=1 + args.get("neighbours", 0))
+    if method == "n2n":
         return build_generator(backbone)
     if method == "r2r":
         return R2RDenoiser(build_generator(backbone), alpha=args.get("r2r_alpha", 0.5),
@@ -492,12 +511,14 @@ class Discriminators(nn.ModuleDict):
 # ---------------------------------------------------------------- checkpoints
 
 def inference_settings(state):
-    """{"lateral_bin", "zero_mean"[, "noise_sigma"]} a checkpoint denoises with: what train.py recorded, or for
-    checkpoints written before it recorded them, what its options imply (only TCFL trains zero-mean)."""
+    """{"lateral_bin", "zero_mean", "neighbours"[, "noise_sigma"]} a checkpoint denoises with: what train.py
+    recorded, or for checkpoints written before it recorded them, what its options imply (only TCFL trains
+    zero-mean or with neighbours)."""
     args = state.get("args") or {}
+    neighbours = int(args.get("neighbours", 0)) if state.get("method", "tcfl") == "tcfl" else 0
     if "inference" in state:
-        return dict(state["inference"])
-    return {"lateral_bin": int(args.get("lateral_bin", 1)),
+        return {"neighbours": neighbours, **state["inference"]}
+    return {"lateral_bin": int(args.get("lateral_bin", 1)), "neighbours": neighbours,
             "zero_mean": state.get("method", "tcfl") == "tcfl" and bool(args.get("zero_mean", False))}
 
 
@@ -625,4 +646,4 @@ def load_for_options(args, path):
     settings = {"ensemble": args.ensemble, "tile": args.tile, "bf16": use_bf16(args.precision, device),
                 "lateral_bin": denoiser.lateral_bin if args.lateral_bin is None else args.lateral_bin,
                 "noise_sigma": denoiser.noise_sigma if args.noise_adapt else None}
-    return Denoiser(denoiser.net, zero_mean=denoiser.zero_mean, **settings), state
+    return Denoiser(denoiser.net, zero_mean=denoiser.zero_mean, neighbours=denoiser.neighbours, **settings), state

@@ -38,6 +38,9 @@ def get_parser():
     g.add_argument("--val_neighbours", action="store_true",
                    help="also validate on the held-back subjects' registered neighbour B-scans (duke28: 1..4.tif, "
                         "scored against the subject's average): 5x the validation images for --epoch best")
+    g.add_argument("--neighbours", type=int, default=0, choices=range(0, 5), metavar="K",
+                   help="tcfl, duke28: G reads each B-scan with its K nearest registered B-scans (2.5-D input, "
+                        "0-4; 0: the B-scan alone); evaluate.py/denoise.py then read them too")
     g.add_argument("--patch_size", type=int, default=64)
     g.add_argument("--lateral_bin", type=int, default=1,
                    help="train on B-scans binned N:1 along the lateral axis, as BM3D.py/NLM.py denoise (OCT speckle "

@@ -91,12 +91,13 @@ def load_training_data(args, data_kind):
     median noise level at full size), all laterally binned by --lateral_bin: G learns at the binned scale and
     denoises there; validation scores at full size."""
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
-                                                       val_neighbours=args.val_neighbours)
-    # models.Denoiser's --noise_adapt level: the median over (at most ~100 of) the noisy training images
-    noise_level = float(np.median([noise_sigma(image) for image in noisy[::max(1, len(noisy) // 100)]]))
+                                                       val_neighbours=args.val_neighbours, neighbours=args.neighbours)
+    # models.Denoiser's --noise_adapt level: the median over (at most ~100 of) the noisy training B-scans
+    noise_level = float(np.median([noise_sigma(image if image.ndim == 2 else image[0])
+                                   for image in noisy[::max(1, len(noisy) // 100)]]))
     binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
     noisy, clean = binned(noisy), binned(clean)
-    narrowest = min(image.shape[1] for image in noisy + clean)
+    narrowest = min(image.shape[-1] for image in noisy + clean)
     if args.lateral_bin > 1 and narrowest < args.patch_size:
         raise DataError(f"--lateral_bin {args.lateral_bin} leaves training images {narrowest} px wide, "
                         f"narrower than --patch_size {args.patch_size}")
@@ -118,7 +119,7 @@ def print_options(args, summary):
 
 def validate(denoiser, samples):
     """Mean (PSNR, SSIM) of the denoised held-back training images (the Denoiser runs BN on running statistics)."""
-    scores = [(psnr(s.clean, out), ssim(s.clean, out)) for s in samples for out in [denoiser(s.noisy)]]
+    scores = [(psnr(s.clean, out), ssim(s.clean, out)) for s in samples for out in [denoiser(s.volume())]]
     return tuple(float(v) for v in np.mean(scores, axis=0)) if scores else (float("nan"), float("nan"))
 
 
@@ -127,7 +128,7 @@ def save_figure(path, denoiser, sample):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    denoised = denoiser(sample.noisy)
+    denoised = denoiser(sample.volume())
     panels = [("noisy", sample.noisy), ("denoised", denoised), ("estimated noise", sample.noisy - denoised)]
     if sample.clean is not None:
         panels.append(("reference", sample.clean))
@@ -211,7 +212,7 @@ class Run:
         state = {**self.trainer.state_dict(), "epoch": epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
                  "world_size": self.world, "method": args.method, "backbone": args.backbone, "args": vars(args),
                  "inference": {"lateral_bin": args.lateral_bin, "zero_mean": self.trainer.zero_mean,
-                               "noise_sigma": self.noise_sigma},
+                               "noise_sigma": self.noise_sigma, "neighbours": self.trainer.neighbours},
                  "history": self.history, "rng": rng}
         tmp = Path(args.ckpt_dir) / f"epoch_{epoch}.pth.tmp"
         torch.save(state, tmp)

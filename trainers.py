@@ -33,7 +33,7 @@ from utils import DataError, use_bf16
 # Options only some methods read; a method refuses any of these it does not read when set
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                  "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -142,6 +142,7 @@ class Trainer:
     data = "triplets"  # what step() is fed: "triplets" (I_A, I_B, C_C) or "pairs" (noisy, other noisy, its clean)
     reads = frozenset()  # the METHOD_OPTIONS this method reads
     zero_mean = False  # whether the inference module's noise has its spatial mean removed (TCFL --zero_mean)
+    neighbours = 0  # registered B-scans the inference module reads beside the one it denoises (TCFL --neighbours)
 
     def __init__(self, args, model, trained=None, discriminator=None):
         self.args = resolve_for_device(args, next(model.parameters()).device)
@@ -206,7 +207,7 @@ class Trainer:
     def denoiser(self, lateral_bin=1, noise_sigma=None):
         """The inference module with its settings, as evaluate.py would load it from a checkpoint."""
         return models.Denoiser(self.inference_generator(), lateral_bin=lateral_bin, zero_mean=self.zero_mean,
-                               noise_sigma=noise_sigma)
+                               noise_sigma=noise_sigma, neighbours=self.neighbours)
 
     def state_dict(self):
         return {
@@ -244,10 +245,10 @@ class TCFLTrainer(Trainer):
     by default a --backbone generator and the PatchGAN, on `device`."""
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                       "pool_size", "noise_scale", "g_calls", "lr_d", "backbone"})
+                       "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
-        generator = (generator or models.build_generator(args.backbone)).to(device)
+        generator = (generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours)).to(device)
         discriminator = (discriminator or models.build_discriminator()).to(device)
         if args.sync_bn and torch.distributed.is_initialized():
             generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
@@ -255,7 +256,7 @@ class TCFLTrainer(Trainer):
         # self.model / self.D are the bare modules (saved, evaluated); the *_train versions are what a
         # step calls: the same modules, wrapped in DistributedDataParallel under torchrun.
         self.G_train, self.D_train = wrap(generator), wrap(discriminator)
-        self.zero_mean = args.zero_mean
+        self.zero_mean, self.neighbours = args.zero_mean, args.neighbours
         self.replay = ReplayBuffer(args.pool_size)
         # Published LSGAN recipe: 0.1 on the fakes. A WGAN critic estimates mean(D(real)) - mean(D(fake)),
         # so there the six fakes together weigh as much as the one real image.
@@ -280,14 +281,36 @@ class TCFLTrainer(Trainer):
             return 1.0
         return torch.empty(len(like), 1, 1, 1, device=like.device).uniform_(low, high)
 
+    @staticmethod
+    def noise_stacks(noisy_a, noisy_b, noise_a, noise_b):
+        """The noise P2P/C2P re-add with --neighbours k: for each image its own noise estimate (the B-scan's
+        slice), then k estimates of other images of the batch (also mirrored left-right) as its neighbours'
+        slices: independent speckle over one clean image, as registered neighbours carry. A stack whose
+        neighbours were dropped (copies, datasets.NEIGHBOUR_DROPOUT) gets copies of its own noise.
+        Re-adding each neighbour's own residual (neighbour - the B-scan's clean estimate) instead copies the
+        stack's slice differences into every pseudo-noisy stack, so G(stack) = slice 0 - slice 1 meets
+        every identity loss; G learned that within 60 steps (docs/training.md)."""
+        k = noisy_a.shape[1] - 1
+        if k == 0:
+            return noise_a, noise_b
+        own, noisy = torch.cat([noise_a, noise_b]), torch.cat([noisy_a, noisy_b])
+        pool = torch.cat([own, own.flip(-1)])
+        index = (torch.arange(len(own), device=own.device)[:, None] + torch.arange(1, k + 1, device=own.device)) % len(pool)
+        others = pool[index.flatten()].view(len(own), k, *own.shape[-2:])
+        dropped = (noisy[:, 1:] == noisy[:, :1]).flatten(1).all(1)
+        others = torch.where(dropped[:, None, None, None], own.expand(-1, k, -1, -1), others)
+        return torch.cat([own, others], dim=1).chunk(2)
+
     def fuse(self, noisy_a, noisy_b, clean_c):
-        """The six clean estimates and the two stage-1 noises (G called twice, or six times with --g_calls per_estimate)."""
+        """The six clean estimates and the two stage-1 noises (G called twice, or six times with --g_calls per_estimate).
+        With --neighbours, I_A and I_B are stacks, and every pseudo-noisy input is a stack too (noise_stacks)."""
         noise_a, noise_b = self.noise(torch.cat([noisy_a, noisy_b]), 2).chunk(2)
-        clean_a1, clean_b1 = noisy_a - noise_a, noisy_b - noise_b
+        clean_a1, clean_b1 = noisy_a[:, :1] - noise_a, noisy_b[:, :1] - noise_b
+        noise_a, noise_b = self.noise_stacks(noisy_a, noisy_b, noise_a, noise_b)
         mixed_a, mixed_b = noise_a * self.noise_scales(noise_a), noise_b * self.noise_scales(noise_b)
         stage2 = torch.cat([clean_a1 + mixed_b, clean_b1 + mixed_a, clean_c + mixed_a, clean_c + mixed_b])
-        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2 - self.noise(stage2, 4)).chunk(4)
-        return [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2], (noise_a, noise_b)
+        clean_a2, clean_b2, clean_c1, clean_c2 = (stage2[:, :1] - self.noise(stage2, 4)).chunk(4)
+        return [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2], (noise_a[:, :1], noise_b[:, :1])
 
     @staticmethod
     def identity_loss(fakes, clean_c):
@@ -331,7 +354,7 @@ class TCFLTrainer(Trainer):
         self.update_ema()
         self.D.requires_grad_(True)
         stats = {"loss_g": loss_g.item(), "adversarial": adversarial.item(), "identity": identity.item(),
-                 **collapse_stats(torch.cat([noise_a, noise_b]), torch.cat([noisy_a, noisy_b]))}
+                 **collapse_stats(torch.cat([noise_a, noise_b]), torch.cat([noisy_a[:, :1], noisy_b[:, :1]]))}
         return fakes, stats
 
     def discriminator_step(self, clean_c, fakes):

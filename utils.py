@@ -172,6 +172,14 @@ def noise_sigma(image):
     return float(estimate_sigma(np.asarray(image, np.float32)))
 
 
+def context_stack(slices, centre, neighbours):
+    """(1 + neighbours, H, W): slices[centre] followed by its `neighbours` nearest slices, nearest first (the
+    earlier one of two at the same distance first), then copies of slices[centre] where fewer exist: the
+    input of a network trained with train.py --neighbours (copies are its single-B-scan fallback)."""
+    others = sorted((i for i in range(len(slices)) if i != centre), key=lambda i: (abs(i - centre), i))[:neighbours]
+    return np.stack([slices[centre]] + [slices[i] for i in others] + [slices[centre]] * (neighbours - len(others)))
+
+
 def check_lateral_bin(factor):
     """The one check of a lateral binning factor (train.py, the Denoiser, the baselines): a whole number >= 1."""
     if int(factor) != factor or factor < 1:
@@ -180,10 +188,13 @@ def check_lateral_bin(factor):
 
 
 def bin_laterally(image, factor):
-    """image (H, W) averaged factor:1 along the lateral (last) axis: (H, round(W / factor)); factor 1: image."""
+    """image (H, W) averaged factor:1 along the lateral (last) axis: (H, round(W / factor)); factor 1: image.
+    A stack (C, H, W) is binned slice by slice."""
     import cv2
     if factor <= 1:
         return image
+    if image.ndim == 3:
+        return np.stack([bin_laterally(plane, factor) for plane in image])
     height, width = image.shape
     return cv2.resize(np.ascontiguousarray(image, np.float32), (max(1, round(width / factor)), height),
                       interpolation=cv2.INTER_AREA)
@@ -199,7 +210,7 @@ def at_lateral_scale(fn, image, factor):
     import cv2
     if factor <= 1:
         return fn(image).astype(np.float32)
-    height, width = image.shape
+    height, width = image.shape[-2:]  # fn may take a (C, H, W) stack and return one (H, W) image
     return cv2.resize(fn(bin_laterally(image, factor)).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 

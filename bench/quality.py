@@ -162,10 +162,13 @@ def score_rows(samples, dataset, split, args, networks=True):
         for path in shipped_checkpoints():
             denoiser, state = models.load_checkpoint(path)
             name = f"{state.get('method', 'tcfl')} ({path.name})"
-            add(name, *timed(denoiser, samples))
+            volume = bool(denoiser.neighbours) and all(sample.neighbours for sample in samples)  # train.py --neighbours
+            bscans = 1 + denoiser.neighbours if volume else 1
+            add(name, *timed(denoiser, samples, volume), bscans=bscans)
             if not args.quick and state.get("method", "tcfl") == "tcfl":  # 2x the time: only for the main method
-                ensemble = models.Denoiser(denoiser.net, denoiser.lateral_bin, denoiser.zero_mean, ensemble="lr")
-                add(name + " ens lr", *timed(ensemble, samples))
+                ensemble = models.Denoiser(denoiser.net, denoiser.lateral_bin, denoiser.zero_mean, ensemble="lr",
+                                           neighbours=denoiser.neighbours)
+                add(name + " ens lr", *timed(ensemble, samples, volume), bscans=bscans)
         if dataset == "duke28":
             for folder in sorted((SHARED_DATA / "published_outputs").iterdir()):
                 add(folder.name, scoring.read_outputs(folder, samples), None, PUBLISHED_BSCANS.get(folder.name, 1))

@@ -30,6 +30,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from common import ROOT, machine, save, test_samples
@@ -88,10 +89,9 @@ def method_table(extra_checkpoints=(), noise_adapt=True):
     table = {"noisy": (NOISY, 1, None),
              **{key: (f"{spec.name}.py", 5 if spec.volume else 1, lambda spec=spec: spec.denoise)
                 for key, spec in baselines.CLASSICAL.items()}}
-    for path in shipped_checkpoints():
-        table[path.name.removesuffix("_G.pth")] = (path.name, 1, functools.partial(checkpoint_denoiser, path, noise_adapt))
-    for path in extra_checkpoints:
-        table[str(path)] = (str(path), 1, functools.partial(checkpoint_denoiser, path, noise_adapt))
+    for key, path in [(p.name.removesuffix("_G.pth"), p) for p in shipped_checkpoints()] + [(str(p), p) for p in extra_checkpoints]:
+        reads = 1 + models.inference_settings(torch.load(path, map_location="cpu", weights_only=True))["neighbours"]
+        table[key] = (path.name if key != str(path) else str(path), reads, functools.partial(checkpoint_denoiser, path, noise_adapt))
     return table
 
 

@@ -70,3 +70,19 @@ def test_inference_bin_scores_the_validation_bscans_at_each_binning():
     assert coarse["rows"]["blur.py"]["mean"]["PSNR"] != rows["blur.py"]["mean"]["PSNR"]  # other images: every 2nd A-scan
     with pytest.raises(SystemExit, match="--classical: unknown or volume method bm4d"):
         inference_bin.main(["--ckpt", str(ckpt), "--classical", "bm4d", "--no_save"])
+
+
+def test_quality_feeds_a_neighbours_checkpoint_its_volume(tmp_path, monkeypatch):
+    import torch
+    import models
+    torch.manual_seed(0)
+    path = tmp_path / "g3_G.pth"
+    torch.save({"generator": models.build_generator("dncnn", in_channels=3).state_dict(), "backbone": "dncnn",
+                "method": "tcfl", "args": {"neighbours": 2}}, path)
+    monkeypatch.setattr(quality, "shipped_checkpoints", lambda: [path])
+    seen = []
+    real_timed = quality.timed
+    monkeypatch.setattr(quality, "timed", lambda denoise, samples, volume=False: seen.append(volume) or real_timed(denoise, samples, volume))
+    summaries = quality.main(["--dataset", "synthetic", "--quick", "--no_bm3d", "--no_save", "--size", "40"])
+    row = {s["method"]: s for s in summaries}["tcfl (g3_G.pth)"]
+    assert row["bscans"] == 3 and seen[-1] is True

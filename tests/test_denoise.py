@@ -174,3 +174,24 @@ def test_noise_adapt_reports_noisier_bscans_and_turns_off(tmp_path, capsys):
     on, off = (tifffile.imread(tmp_path / name / "volume.tif") for name in ("on", "off"))
     plain = models.Denoiser(models.load_checkpoint(path)[0].net, zero_mean=True)(stack[0].astype(np.float32) / 255)
     assert np.abs(off[0] / 255 - plain).max() <= 1 / 255 and np.mean(on != off) > 0.1
+
+
+def test_a_neighbours_checkpoint_reads_each_page_with_its_nearest_pages(tmp_path, capsys):
+    torch.manual_seed(0)
+    generator = models.build_generator("dncnn", in_channels=3)
+    for conv in (m for m in generator.modules() if isinstance(m, torch.nn.Conv2d)):
+        torch.nn.init.normal_(conv.weight, 0, 0.2)  # weights big enough that the neighbours move the output
+    path = tmp_path / "g3.pth"
+    torch.save({"generator": generator.state_dict(), "backbone": "dncnn", "method": "tcfl",
+                "args": {"neighbours": 2}}, path)
+    stack = (speckle((4, 32, 48)) * 255).astype(np.uint8)
+    src = tmp_path / "in" / "volume.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    assert run([src], tmp_path / "out", path) == 0
+    out = tifffile.imread(tmp_path / "out" / "volume.tif") / 255
+    denoiser = models.load_checkpoint(path)[0]
+    volume = stack.astype(np.float32) / 255
+    for page in range(4):
+        assert np.abs(out[page] - denoiser(volume, centre=page)).max() <= 1 / 255
+    assert np.abs(out[0] - denoiser(volume[0])).max() > 2 / 255  # not the page alone

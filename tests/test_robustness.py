@@ -65,6 +65,11 @@ def test_ckpt_adds_any_checkpoint_as_a_row(tmp_path):
     torch.save({**torch.load(path, weights_only=True), "inference": {"lateral_bin": 1, "zero_mean": True, "noise_sigma": 0.1}}, path)
     assert robustness.method_table([path])[str(path)][2]().noise_sigma == 0.1
     assert robustness.method_table([path], noise_adapt=False)[str(path)][2]().noise_sigma is None
+    wide = tmp_path / "g3.pth"  # a --neighbours 2 checkpoint: its rows read 3 B-scans (the volume)
+    torch.save({"generator": models.build_generator("dncnn", in_channels=3).state_dict(), "backbone": "dncnn",
+                "method": "tcfl", "args": {"neighbours": 2}}, wide)
+    label, bscans, load = robustness.method_table([wide])[str(wide)]
+    assert bscans == 3 and load().neighbours == 2
 
 
 def test_quick_leaves_out_bm3d_and_bm4d_unless_named():
