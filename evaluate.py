@@ -59,6 +59,10 @@ def evaluate_checkpoint(args):
         datasets.write_image(out_dir / f"{sample.id}.tif", output, sample.bit_depth)
     save_comparison(out_dir / "comparison.png", samples[0], outputs[0], method)
     print(f"denoised images and comparison figure: {out_dir}/")
+    lone = sum(not s.neighbours for s in samples) if denoiser.neighbours else 0
+    if lone:
+        print(f"note: {lone} of {len(samples)} images have no registered neighbouring B-scans; "
+              "the network reads copies of the B-scan for them (its single-B-scan fallback)")
     bscans = 1 + min(denoiser.neighbours, min(len(s.neighbours) for s in samples))
     return scoring.score(samples, outputs, method, args.dataset, args.split, float(np.mean(seconds)),
                          out_dir / "scores.csv", args.json, bscans=bscans)

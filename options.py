@@ -20,6 +20,9 @@ def parse_args(argv=None):
     if not 0 <= low <= high:
         raise DataError(f"--noise_scale needs 0 <= LO <= HI, got {low} {high}")
     check_lateral_bin(args.lateral_bin)
+    if args.neighbours and args.val_neighbours:
+        raise DataError("--val_neighbours validates on neighbour B-scans, which have no neighbours of their own to "
+                        "give a --neighbours network; validate on --n_val subjects instead")
     # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
     # short runs (docs/training.md: the WGAN sweep). Filled in here so that opt.json records the value used.
     default_lr = 5e-5 if args.gan == "wgan" else 2e-4

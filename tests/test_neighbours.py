@@ -126,7 +126,7 @@ def test_denoiser_reads_the_volume_and_falls_back_to_copies():
     assert models.predict_noise(net, x, tile=16, margin=8).shape == (1, 1, 40, 48)  # tiled: one channel out too
 
 
-def test_train_and_evaluate_with_neighbours(tmp_path, fake_duke28):
+def test_train_and_evaluate_with_neighbours(tmp_path, fake_duke28, capsys):
     root = fake_duke28(tmp_path / "data", ids=range(1, 6), size=(48, 96), neighbours=(1, 2, 3, 4),
                        splits={"train": [1, 2, 3], "test": [4, 5]})
     ckpt = tmp_path / "ckpt"
@@ -152,3 +152,9 @@ def test_train_and_evaluate_with_neighbours(tmp_path, fake_duke28):
     assert models.load_checkpoint(exported)[0].neighbours == 4
     with pytest.raises(DataError, match="does not read --neighbours"):
         train.parse_args(["--method", "n2n", "--neighbours", "2"])
+    with pytest.raises(DataError, match="--val_neighbours validates on neighbour B-scans"):
+        train.parse_args(["--neighbours", "2", "--val_neighbours"])
+    alone = fake_duke28(tmp_path / "alone", ids=(1, 2), size=(48, 96), splits={"train": [], "test": [1, 2]})
+    lone = evaluate.main(["--ckpt", str(exported), "--dataset", "duke28", "--data_root", str(alone), "--split", "test",
+                          "--out_dir", str(tmp_path / "ev_alone")])
+    assert lone["bscans"] == 1 and "2 of 2 images have no registered neighbouring B-scans" in capsys.readouterr().out
