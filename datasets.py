@@ -164,7 +164,8 @@ class Sample:
     rois: dict = None  # {"foreground": [(x, y, w, h), ...], "background": [...]} from <root>/rois.json
 
     def volume(self):
-        """The noisy B-scan between its neighbours, (1 + n, H, W): 1, 2, test, 3, 4 for duke28."""
+        """The noisy B-scan between its neighbours, (1 + n, H, W): 1, 2, test, 3, 4 for duke28; what BM4D and a
+        --neighbours network read (models.Denoiser takes the middle slice alone for a single-B-scan network)."""
         half = len(self.neighbours) // 2
         return np.stack(self.neighbours[:half] + [self.noisy] + self.neighbours[half:])
 
