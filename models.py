@@ -233,6 +233,12 @@ class Denoiser:
         self.neighbours = neighbours
         self.last_gain = 1.0
 
+    def replace(self, **changes):
+        """A Denoiser of the same net with these settings changed and every other one kept."""
+        settings = {name: getattr(self, name) for name in
+                    ("lateral_bin", "zero_mean", "ensemble", "tile", "bf16", "noise_sigma", "neighbours")}
+        return Denoiser(self.net, **{**settings, **changes})
+
     def gain(self, image):
         """noise_sigma / the noise estimate of the full-size 2-D B-scan, at most 1 (class docstring)."""
         if not self.noise_sigma:
@@ -646,4 +652,4 @@ def load_for_options(args, path):
     settings = {"ensemble": args.ensemble, "tile": args.tile, "bf16": use_bf16(args.precision, device),
                 "lateral_bin": denoiser.lateral_bin if args.lateral_bin is None else args.lateral_bin,
                 "noise_sigma": denoiser.noise_sigma if args.noise_adapt else None}
-    return Denoiser(denoiser.net, zero_mean=denoiser.zero_mean, neighbours=denoiser.neighbours, **settings), state
+    return denoiser.replace(**settings), state

@@ -41,7 +41,7 @@ def main(argv=None):
     samples = scoring.load_scoring_pairs(argparse.Namespace(dataset=args.dataset, data_root=args.data_root, split="val"),
                                          state.get("args"))
     if args.lateral_bin is not None:
-        denoiser = models.Denoiser(denoiser.net, lateral_bin=args.lateral_bin, zero_mean=denoiser.zero_mean)
+        denoiser = denoiser.replace(lateral_bin=args.lateral_bin, noise_sigma=None)
     outputs = [denoiser(s.noisy) for s in samples]
     rows = []
     for sigma in [0.0, *args.sigmas]:

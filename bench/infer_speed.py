@@ -120,8 +120,8 @@ def main(argv=None):
         for name, switches in VARIANTS.items():
             layout = torch.channels_last if switches.get("channels_last") else torch.contiguous_format
             # as evaluate.py denoises (the checkpoint's lateral binning); a 1-channel input is channels_last already
-            variant = models.Denoiser(denoiser.net.to(memory_format=layout), denoiser.lateral_bin, denoiser.zero_mean,
-                                      tile=4096, bf16=switches.get("bf16", False))
+            denoiser.net.to(memory_format=layout)
+            variant = denoiser.replace(tile=4096, bf16=switches.get("bf16", False), noise_sigma=None)
             scores = []
             for sample in samples:
                 out = variant(sample.noisy[region])

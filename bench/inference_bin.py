@@ -63,7 +63,7 @@ def main(argv=None):
     rows = {}
     jobs = [(f"{baselines.CLASSICAL[name].name}.py", baselines.CLASSICAL[name].denoise) for name in classical]
     jobs += [(f"{Path(args.ckpt).name} at {b}:1",
-              models.Denoiser(denoiser.net, lateral_bin=b, zero_mean=denoiser.zero_mean, noise_sigma=denoiser.noise_sigma))
+              denoiser.replace(lateral_bin=b))
              for b in args.bins]
     for label, denoise in tqdm(jobs, desc="inference binning"):
         rows[label] = score_quietly(samples, [denoise(s.noisy) for s in samples], label)

@@ -138,3 +138,12 @@ def test_shipped_checkpoint_records_its_training_scans_noise_level():
     assert len(noisy) == 40 and denoiser.noise_sigma == pytest.approx(median, rel=1e-6)
     # trained binned 4:1, denoises 8:1: chosen on the validation subjects (docs/training.md)
     assert args["lateral_bin"] == 4 and denoiser.lateral_bin == 8
+
+
+def test_denoiser_replace_changes_only_what_it_is_told():
+    net = models.build_generator("dncnn")
+    base = models.Denoiser(net, lateral_bin=4, zero_mean=True, ensemble="lr", tile=64, bf16=False, noise_sigma=0.1,
+                           neighbours=0)
+    changed = base.replace(lateral_bin=8)
+    assert changed.net is net and changed.lateral_bin == 8
+    assert (changed.zero_mean, changed.ensemble, changed.tile, changed.noise_sigma) == (True, "lr", 64, 0.1)
