@@ -366,8 +366,7 @@ def _duke28_noisy(subject, neighbours):
     images = [read_image(subject / "test.tif")[0]] + [read_image(p)[0] for p in present]
     if not neighbours:
         return images
-    half = len(present) // 2
-    volume = images[1:1 + half] + images[:1] + images[1 + half:]  # 1, 2, test, 3, 4: the scanning order
+    volume = Sample(subject.name, images[0], neighbours=images[1:]).volume()  # 1, 2, test, 3, 4: the scanning order
     return [context_stack(volume, i, neighbours) for i in range(len(volume))]
 
 

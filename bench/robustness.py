@@ -89,9 +89,11 @@ def method_table(extra_checkpoints=(), noise_adapt=True):
     table = {"noisy": (NOISY, 1, None),
              **{key: (f"{spec.name}.py", 5 if spec.volume else 1, lambda spec=spec: spec.denoise)
                 for key, spec in baselines.CLASSICAL.items()}}
-    for key, path in [(p.name.removesuffix("_G.pth"), p) for p in shipped_checkpoints()] + [(str(p), p) for p in extra_checkpoints]:
+    rows = [(p.name.removesuffix("_G.pth"), p.name, p) for p in shipped_checkpoints()]
+    rows += [(str(p), str(p), p) for p in extra_checkpoints]
+    for key, label, path in rows:
         reads = 1 + models.inference_settings(torch.load(path, map_location="cpu", weights_only=True))["neighbours"]
-        table[key] = (path.name if key != str(path) else str(path), reads, functools.partial(checkpoint_denoiser, path, noise_adapt))
+        table[key] = (label, reads, functools.partial(checkpoint_denoiser, path, noise_adapt))
     return table
 
 
