@@ -20,6 +20,8 @@ def parse_args(argv=None):
     if not 0 <= low <= high:
         raise DataError(f"--noise_scale needs 0 <= LO <= HI, got {low} {high}")
     check_lateral_bin(args.lateral_bin)
+    if min(args.skip_blur) < 0:
+        raise DataError(f"--skip_blur needs sigmas >= 0, got {args.skip_blur[0]} {args.skip_blur[1]}")
     if args.neighbours and args.val_neighbours:
         raise DataError("--val_neighbours validates on neighbour B-scans, which have no neighbours of their own to "
                         "give a --neighbours network; validate on --n_val subjects instead")
@@ -54,6 +56,9 @@ def get_parser():
     g.add_argument("--method", default="tcfl", choices=list(trainers.TRAINERS))
     g.add_argument("--backbone", default="dncnn", choices=list(models.GENERATORS))
     g.add_argument("--frozen_bn", action="store_true", help="BatchNorm on running statistics only")
+    g.add_argument("--skip_blur", type=float, nargs=2, default=[0.0, 0.0], metavar=("AXIAL", "LATERAL"),
+                   help="tcfl: G starts as a Gaussian blur of these sigmas (pixels of the --lateral_bin-binned B-scans) "
+                        "and learns a correction to it (models.BlurSkip); 0 0: off")
     g = p.add_argument_group("optimisation")
     g.add_argument("--niter", type=int, default=5, help="epochs")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")

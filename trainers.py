@@ -33,7 +33,7 @@ from utils import DataError, use_bf16
 # Options only some methods read; a method refuses any of these it does not read when set
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                  "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -245,10 +245,11 @@ class TCFLTrainer(Trainer):
     by default a --backbone generator and the PatchGAN, on `device`."""
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                       "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours"})
+                       "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
-        generator = (generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours)).to(device)
+        generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours, skip_blur=args.skip_blur)
+        generator = generator.to(device)
         discriminator = (discriminator or models.build_discriminator()).to(device)
         if args.sync_bn and torch.distributed.is_initialized():
             generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
