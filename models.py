@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+import baselines
 from utils import DataError, at_lateral_scale, check_lateral_bin, context_stack, noise_sigma, resolve_device, use_bf16
 
 
@@ -150,43 +151,80 @@ def gaussian_taps(sigma):
     return taps / taps.sum()
 
 
-class BlurSkip(nn.Module):
-    """A generator that starts as the blur floor (train.py --skip_blur): its noise estimate is
-    x - Gaussian(x), the anisotropic blur's residual, plus the backbone's correction, whose last
-    convolution starts at zero. Trained from scratch for a few hundred CPU steps, TCFL's DnCNN stayed
-    below a tuned Gaussian blur on the Duke scans (docs/training.md); from here it only has to learn
-    what the blur misses. sigma_axial / sigma_lateral: pixels of the (binned) B-scans the generator reads."""
+def separable_blur(image, taps_axial, taps_lateral):
+    """A (N, 1, H, W) batch through 1-D taps (gaussian_taps, shaped (1, 1, -1, 1) and (1, 1, 1, -1)), borders
+    replicated: any image size and a zero sigma work (torchvision's gaussian_blur reflect-pads, which fails
+    on tiles narrower than the kernel, and refuses sigma 0)."""
+    axial, lateral = taps_axial.shape[2] // 2, taps_lateral.shape[3] // 2
+    image = F.conv2d(F.pad(image, (0, 0, axial, axial), mode="replicate"), taps_axial)
+    return F.conv2d(F.pad(image, (lateral, lateral, 0, 0), mode="replicate"), taps_lateral)
 
-    def __init__(self, net, sigma_axial, sigma_lateral):
+
+class FilterSkip(nn.Module):
+    """A generator that starts as a classical filter (train.py --skip_blur / --skip_nlm): its noise estimate
+    is x - filter(x), the filter's residual, plus the backbone's correction, whose last convolution starts
+    at zero. Trained from scratch for a few hundred CPU steps, TCFL's DnCNN stayed below a tuned Gaussian
+    blur on the Duke scans (docs/training.md); from here it only has to learn what the filter misses.
+    The filter reads the B-scan (channel 0) only; subclasses define it."""
+
+    def __init__(self, net):
         super().__init__()
         self.net = net
         last = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
         nn.init.zeros_(last.weight)
         if last.bias is not None:
             nn.init.zeros_(last.bias)
-        self.register_buffer("taps_axial", gaussian_taps(sigma_axial).view(1, 1, -1, 1), persistent=False)
-        self.register_buffer("taps_lateral", gaussian_taps(sigma_lateral).view(1, 1, 1, -1), persistent=False)
 
-    def blur(self, image):
-        """Separable Gaussian, borders replicated: any image size and a zero sigma work (torchvision's
-        gaussian_blur reflect-pads, which fails on tiles narrower than the kernel, and refuses sigma 0)."""
-        axial, lateral = self.taps_axial.shape[2] // 2, self.taps_lateral.shape[3] // 2
-        image = F.conv2d(F.pad(image, (0, 0, axial, axial), mode="replicate"), self.taps_axial)
-        return F.conv2d(F.pad(image, (lateral, lateral, 0, 0), mode="replicate"), self.taps_lateral)
+    def filter(self, image):
+        raise NotImplementedError
 
     def forward(self, x):
         image = x[:, :1]
-        return image - self.blur(image) + self.net(x)
+        return image - self.filter(image) + self.net(x)
 
 
-def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0)):
-    """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip."""
+class BlurSkip(FilterSkip):
+    """FilterSkip over an anisotropic Gaussian blur (--skip_blur): sigma_axial / sigma_lateral in pixels
+    of the (binned) B-scans the generator reads."""
+
+    def __init__(self, net, sigma_axial, sigma_lateral):
+        super().__init__(net)
+        self.register_buffer("taps_axial", gaussian_taps(sigma_axial).view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("taps_lateral", gaussian_taps(sigma_lateral).view(1, 1, 1, -1), persistent=False)
+
+    def filter(self, image):
+        return separable_blur(image, self.taps_axial, self.taps_lateral)
+
+
+class NLMSkip(FilterSkip):
+    """FilterSkip over non-local means (--skip_nlm H): NLM.py's filter (OpenCV's fastNlMeansDenoising,
+    8-bit path, NLM.py's patch and search windows) with strength h, on each image of the batch. It runs
+    on the CPU in NumPy and passes no gradient: the correction is what trains, and a pseudo-noisy input's
+    gradient reaches the earlier estimates through the x and net(x) terms."""
+
+    def __init__(self, net, h):
+        super().__init__(net)
+        self.h = float(h)
+
+    def filter(self, image):
+        arrays = image.detach().float().cpu().numpy()
+        out = np.stack([baselines.nlm(array[0], self.h, baselines.TEMPLATE, baselines.SEARCH, eight_bit=True)
+                        for array in arrays])
+        return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)
+
+
+def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0):
+    """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip; skip_nlm (h > 0): in NLMSkip."""
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
     model = GENERATORS[backbone](in_channels=in_channels)
     model.apply(init_weights)
+    if any(skip_blur) and skip_nlm:
+        raise ValueError("a generator starts from one filter: skip_blur or skip_nlm, not both")
     if any(skip_blur):
         model = BlurSkip(model, *skip_blur)
+    if skip_nlm:
+        model = NLMSkip(model, skip_nlm)
     if in_channels > 1:
         # The neighbours' input weights start at zero: G starts as the single-B-scan network and learns
         # to use the neighbours from there (random ones slowed the first 200 steps: docs/training.md).
@@ -528,7 +566,8 @@ def build_denoiser(method, backbone, args=None):
     """
     args = args or {}
     if method == "tcfl":
-        return build_generator(backbone, in_channels=1 + args.get("neighbours", 0), skip_blur=args.get("skip_blur") or (0.0, 0.0))
+        return build_generator(backbone, in_channels=1 + args.get("neighbours", 0),
+                               skip_blur=args.get("skip_blur") or (0.0, 0.0), skip_nlm=args.get("skip_nlm", 0.0))
     if method == "n2n":
         return build_generator(backbone)
     if method == "r2r":

@@ -22,6 +22,12 @@ def parse_args(argv=None):
     check_lateral_bin(args.lateral_bin)
     if min(args.skip_blur) < 0:
         raise DataError(f"--skip_blur needs sigmas >= 0, got {args.skip_blur[0]} {args.skip_blur[1]}")
+    if args.d_blur < 0:
+        raise DataError(f"--d_blur needs a sigma >= 0, got {args.d_blur}")
+    if args.skip_nlm < 0:
+        raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
+    if args.skip_nlm and any(args.skip_blur):
+        raise DataError("--skip_blur and --skip_nlm both name the filter G starts from: give one")
     if args.neighbours and args.val_neighbours:
         raise DataError("--val_neighbours validates on neighbour B-scans, which have no neighbours of their own to "
                         "give a --neighbours network; validate on --n_val subjects instead")
@@ -59,6 +65,9 @@ def get_parser():
     g.add_argument("--skip_blur", type=float, nargs=2, default=[0.0, 0.0], metavar=("AXIAL", "LATERAL"),
                    help="tcfl: G starts as a Gaussian blur of these sigmas (pixels of the --lateral_bin-binned B-scans) "
                         "and learns a correction to it (models.BlurSkip); 0 0: off")
+    g.add_argument("--skip_nlm", type=float, default=0.0, metavar="H",
+                   help="tcfl: G starts as NLM.py's non-local means of strength H (8-bit grey levels, on the "
+                        "--lateral_bin-binned B-scans) and learns a correction to it (models.NLMSkip); 0: off")
     g = p.add_argument_group("optimisation")
     g.add_argument("--niter", type=int, default=5, help="epochs")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
@@ -73,6 +82,9 @@ def get_parser():
     g.add_argument("--clip", type=float, default=0.01, help="WGAN critic weight clipping")
     g.add_argument("--n_critic", type=int, default=1, help="D updates per G update")
     g.add_argument("--sigma_tv", type=float, default=0.0, help="total-variation weight on the six estimates")
+    g.add_argument("--d_blur", type=float, default=0.0, metavar="SIGMA",
+                   help="tcfl: D sees real and fake images through a Gaussian of this sigma (pixels of the binned "
+                        "B-scans), so it judges structure, not the references' residual speckle texture; 0: off")
     g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
     g.add_argument("--noise_scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
                    help="scale the noise re-added in P2P/C2P by a factor per image, uniform in [LO, HI] "

@@ -33,7 +33,8 @@ from utils import DataError, use_bf16
 # Options only some methods read; a method refuses any of these it does not read when set
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                  "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm", "d_blur",
+                  "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -245,10 +246,12 @@ class TCFLTrainer(Trainer):
     by default a --backbone generator and the PatchGAN, on `device`."""
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
-                       "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur"})
+                       "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours",
+                       "skip_blur", "skip_nlm", "d_blur"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
-        generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours, skip_blur=args.skip_blur)
+        generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours,
+                                                        skip_blur=args.skip_blur, skip_nlm=args.skip_nlm)
         generator = generator.to(device)
         discriminator = (discriminator or models.build_discriminator()).to(device)
         if args.sync_bn and torch.distributed.is_initialized():
@@ -262,6 +265,8 @@ class TCFLTrainer(Trainer):
         # Published LSGAN recipe: 0.1 on the fakes. A WGAN critic estimates mean(D(real)) - mean(D(fake)),
         # so there the six fakes together weigh as much as the one real image.
         self.d_fake_weight = args.d_fake_weight if args.d_fake_weight is not None else (1 / 6 if args.gan == "wgan" else 0.1)
+        taps = models.gaussian_taps(args.d_blur).to(device)
+        self.d_taps = (taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)) if args.d_blur else None
 
     # -- the cross-fusion flow -------------------------------------------------------
     def noise(self, images, estimates):
@@ -313,6 +318,11 @@ class TCFLTrainer(Trainer):
         clean_a2, clean_b2, clean_c1, clean_c2 = (stage2[:, :1] - self.noise(stage2, 4)).chunk(4)
         return [clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2], (noise_a[:, :1], noise_b[:, :1])
 
+    def critic_view(self, images):
+        """What D sees of real and fake images: --d_blur SIGMA blurs both, so the critic judges structure
+        and not the fine texture the averaged references keep (residual speckle no denoiser should copy)."""
+        return images if self.d_taps is None else models.separable_blur(images, *self.d_taps)
+
     @staticmethod
     def identity_loss(fakes, clean_c):
         clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2 = fakes
@@ -333,7 +343,7 @@ class TCFLTrainer(Trainer):
         args = self.args
         with self.autocast(fakes.device):
             # Sum over the six fakes of each one's mean loss = 6 x the mean over all of them.
-            adversarial = 6 * gan_loss(self.D(fakes).float(), True, args.gan)
+            adversarial = 6 * gan_loss(self.D(self.critic_view(fakes)).float(), True, args.gan)
         identity = self.identity_loss(fakes.chunk(6), clean_c)
         loss = adversarial + args.lam * identity
         if args.sigma_tv:
@@ -365,7 +375,7 @@ class TCFLTrainer(Trainer):
         for _ in range(args.n_critic):
             with self.autocast(clean_c.device):
                 # Instance norm is per image, so one call on [real; fakes] equals separate calls.
-                scores = self.D_train(torch.cat([clean_c, fakes])).float()
+                scores = self.D_train(self.critic_view(torch.cat([clean_c, fakes]))).float()
             loss_real = gan_loss(scores[:len(clean_c)], True, args.gan)
             loss_fake = 6 * gan_loss(scores[len(clean_c):], False, args.gan)
             loss_d = loss_real + self.d_fake_weight * loss_fake

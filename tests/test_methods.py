@@ -215,16 +215,21 @@ SET = {"gan": ["--gan", "vanilla"], "lam": ["--lam", "3"], "d_fake_weight": ["--
        "clip": ["--clip", "0.02"], "n_critic": ["--n_critic", "2"], "sigma_tv": ["--sigma_tv", "1"],
        "sigma_rep": ["--sigma_rep", "1"], "zero_mean": ["--no-zero_mean"], "pool_size": ["--pool_size", "4"],
        "noise_scale": ["--noise_scale", "0.5", "1.5"], "g_calls": ["--g_calls", "per_estimate"], "lr_d": ["--lr_d", "1e-4"], "backbone": ["--backbone", "unet"],
-       "neighbours": ["--neighbours", "2"], "skip_blur": ["--skip_blur", "1", "2"], "r2r_alpha": ["--r2r_alpha", "0.3"], "r2r_passes": ["--r2r_passes", "2"], "n2n_gamma": ["--n2n_gamma", "1"]}
+       "neighbours": ["--neighbours", "2"], "skip_blur": ["--skip_blur", "1", "2"],
+       "skip_nlm": ["--skip_nlm", "20"], "d_blur": ["--d_blur", "1"], "r2r_alpha": ["--r2r_alpha", "0.3"], "r2r_passes": ["--r2r_passes", "2"], "n2n_gamma": ["--n2n_gamma", "1"]}
 
 
 # What each method's step reads (trainers.py); every other method option is refused, not silently ignored.
 READS = {"tcfl": {"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean", "pool_size",
-                  "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur"},
+                  "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm", "d_blur"},
          "r2r": {"r2r_alpha", "r2r_passes", "backbone"},
          "n2n": {"n2n_gamma", "backbone"},
          "cncl": {"gan", "lr_d", "backbone"},
          "drgan": {"gan", "lr_d"}}
+
+
+# Read by a method but refused together with another of its options (G starts from one filter).
+ALTERNATIVES = {"skip_nlm"}
 
 
 def test_every_method_option_has_a_value_here():
@@ -233,9 +238,12 @@ def test_every_method_option_has_a_value_here():
 
 @pytest.mark.parametrize("method", list(READS))
 def test_parse_args_refuses_the_options_a_method_does_not_read(method):
-    own = [arg for name in sorted(READS[method]) for arg in SET[name]]
+    together = READS[method] - ALTERNATIVES
+    own = [arg for name in sorted(together) for arg in SET[name]]
     args, defaults = train.parse_args(["--method", method, *own]), vars(train.parse_args([]))  # all its own: accepted
-    assert args.method == method and all(getattr(args, name) != defaults[name] for name in READS[method])
+    assert args.method == method and all(getattr(args, name) != defaults[name] for name in together)
+    for name in READS[method] & ALTERNATIVES:
+        assert getattr(train.parse_args(["--method", method, *SET[name]]), name) != defaults[name]
     for name in sorted(set(trainers.METHOD_OPTIONS) - READS[method]):
         with pytest.raises(DataError, match=f"--method {method} does not read --{name}") as error:
             train.parse_args(["--method", method, *own, *SET[name]])

@@ -1,12 +1,15 @@
-"""train.py --skip_blur: a TCFL generator that starts as the blur floor (models.BlurSkip)."""
+"""train.py --skip_blur / --skip_nlm: a TCFL generator that starts as the blur floor (models.BlurSkip) or as
+NLM.py's non-local means (models.NLMSkip) and learns a correction to it."""
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
+import baselines
 import evaluate
 import models
 import train
+import trainers
 from utils import DataError
 
 
@@ -62,3 +65,83 @@ def test_skip_blur_options_are_checked():
         train.parse_args(["--method", "cncl", "--skip_blur", "1", "2"])
     with pytest.raises(DataError, match="--skip_blur needs sigmas >= 0, got -1.0 2.0"):
         train.parse_args(["--skip_blur", "-1", "2"])
+    with pytest.raises(DataError, match="--skip_nlm needs h >= 0, got -1.0"):
+        train.parse_args(["--skip_nlm", "-1"])
+    with pytest.raises(DataError, match="--skip_blur and --skip_nlm both name the filter G starts from"):
+        train.parse_args(["--skip_blur", "1", "2", "--skip_nlm", "20"])
+    with pytest.raises(DataError, match="does not read --skip_nlm"):
+        train.parse_args(["--method", "n2n", "--skip_nlm", "20"])
+
+
+def nlm_of(image, h):
+    """The reference: NLM.py's filter on one 2-D image, 8-bit path, NLM.py's windows."""
+    return baselines.nlm(image, h, baselines.TEMPLATE, baselines.SEARCH, eight_bit=True)
+
+
+@pytest.mark.parametrize("backbone", list(models.GENERATORS))
+def test_a_new_nlm_skip_generator_denoises_as_nlm_py_and_reads_the_b_scan_only(backbone):
+    torch.manual_seed(0)
+    net = models.build_generator(backbone, in_channels=3, skip_nlm=25).eval()
+    ramp = torch.linspace(0.2, 0.8, 40).expand(2, 3, 24, 40)
+    x = (ramp + 0.05 * torch.randn(2, 3, 24, 40)).clamp(0, 1)  # noise NLM can see (uniform noise over [0, 1] it leaves)
+    with torch.no_grad():
+        denoised = x[:, :1] - net(x)
+        x[:, 1:] = torch.rand(2, 2, 24, 40)  # other neighbours: same output
+        torch.testing.assert_close(x[:, :1] - net(x), denoised)
+    for image, out in zip(x[:, 0].numpy(), denoised[:, 0].numpy()):  # each image of the batch on its own
+        np.testing.assert_allclose(out, nlm_of(image, 25), atol=1e-6)
+    assert np.abs(denoised[0, 0].numpy() - x[0, 0].numpy()).mean() > 0.02  # it filtered
+    assert np.abs(nlm_of(x[0, 0].numpy(), 25) - nlm_of(x[0, 0].numpy(), 5)).mean() > 0.01  # h matters
+
+
+def test_the_nlm_correction_trains_and_the_checkpoint_rebuilds_the_filter(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    train.main(["--patch_size", "32", "--batch_size", "2", "--epoch_size", "4", "--niter", "1", "--n_val", "1",
+                "--skip_nlm", "15", "--ckpt_dir", str(ckpt), "--img_dir", str(tmp_path / "img")])
+    state = torch.load(ckpt / "epoch_1.pth", weights_only=True)
+    assert state["args"]["skip_nlm"] == 15.0
+    assert state["generator"]["net.body.9.weight"].abs().max() > 0  # the zero-initialised last layer has learned
+    denoiser = models.load_checkpoint(ckpt / "epoch_1.pth")[0]
+    assert isinstance(denoiser.net, models.NLMSkip) and denoiser.net.h == 15.0
+    fresh = models.build_generator("dncnn", skip_nlm=15)
+    fresh.load_state_dict(state["generator_ema"])
+    x = torch.rand(1, 1, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser.net(x.contiguous(memory_format=torch.channels_last)), fresh.eval()(x),
+                                   atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- --d_blur: the critic judges structure
+
+class Recorder(torch.nn.Module):
+    """A discriminator that keeps what it was shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.scale = [], torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images):
+        self.seen.append(images.detach().clone())
+        return self.scale * images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("d_blur", [0.0, 1.5])
+def test_the_critic_sees_real_and_fake_images_through_d_blur(trainer_args, d_blur):
+    torch.manual_seed(0)
+    trainer = trainers.TCFLTrainer(trainer_args(d_blur=d_blur), discriminator=Recorder())
+    noisy_a, noisy_b, clean_c = (torch.rand(2, 1, 32, 32) for _ in range(3))
+    fakes, _ = trainer.generator_step(noisy_a, noisy_b, clean_c)
+    trainer.discriminator_step(clean_c, fakes)
+    shown_g, shown_d = trainer.D.seen
+    expected = torch.cat([clean_c, fakes.detach()]).numpy()
+    if d_blur:
+        expected = np.stack([blurred(image[0], (d_blur, d_blur)) for image in expected])[:, None]
+    np.testing.assert_allclose(shown_d.numpy(), expected, atol=1e-5)  # the real image and the six fakes
+    np.testing.assert_allclose(shown_g.numpy(), expected[len(clean_c):], atol=1e-5)  # G's adversarial term
+
+
+def test_d_blur_is_checked():
+    with pytest.raises(DataError, match="--d_blur needs a sigma >= 0, got -1.0"):
+        train.parse_args(["--d_blur", "-1"])
+    with pytest.raises(DataError, match="does not read --d_blur"):
+        train.parse_args(["--method", "cncl", "--d_blur", "1"])
