@@ -22,8 +22,9 @@ def parse_args(argv=None):
     check_lateral_bin(args.lateral_bin)
     if min(args.skip_blur) < 0:
         raise DataError(f"--skip_blur needs sigmas >= 0, got {args.skip_blur[0]} {args.skip_blur[1]}")
-    if args.d_blur < 0:
-        raise DataError(f"--d_blur needs a sigma >= 0, got {args.d_blur}")
+    for name in ("d_blur", "real_blur"):
+        if getattr(args, name) < 0:
+            raise DataError(f"--{name} needs a sigma >= 0, got {getattr(args, name)}")
     if args.skip_nlm < 0:
         raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
     if args.skip_nlm and any(args.skip_blur):
@@ -85,6 +86,9 @@ def get_parser():
     g.add_argument("--d_blur", type=float, default=0.0, metavar="SIGMA",
                    help="tcfl: D sees real and fake images through a Gaussian of this sigma (pixels of the binned "
                         "B-scans), so it judges structure, not the references' residual speckle texture; 0: off")
+    g.add_argument("--real_blur", type=float, default=0.0, metavar="SIGMA",
+                   help="tcfl: D's real images (the clean references) through a Gaussian of this sigma (pixels of the "
+                        "binned B-scans), fakes unchanged, so D asks for outputs that smooth; 0: off")
     g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
     g.add_argument("--noise_scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
                    help="scale the noise re-added in P2P/C2P by a factor per image, uniform in [LO, HI] "

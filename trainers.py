@@ -34,7 +34,7 @@ from utils import DataError, use_bf16
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                   "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm", "d_blur",
-                  "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "real_blur", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -74,6 +74,14 @@ def freeze_batchnorm(model):
 
 
 @torch.no_grad()
+def gaussian_taps_2d(sigma, device):
+    """(axial, lateral) taps of an isotropic Gaussian for models.separable_blur; None for sigma 0."""
+    if not sigma:
+        return None
+    taps = models.gaussian_taps(sigma).to(device)
+    return taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)
+
+
 def update_ema(ema_model, model, decay, updates):
     """ema <- d * ema + (1 - d) * live, with d warming up as (1 + n) / (10 + n): a short
     run's average must not be dominated by the random initial weights."""
@@ -247,7 +255,7 @@ class TCFLTrainer(Trainer):
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                        "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours",
-                       "skip_blur", "skip_nlm", "d_blur"})
+                       "skip_blur", "skip_nlm", "d_blur", "real_blur"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
         generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours,
@@ -265,8 +273,8 @@ class TCFLTrainer(Trainer):
         # Published LSGAN recipe: 0.1 on the fakes. A WGAN critic estimates mean(D(real)) - mean(D(fake)),
         # so there the six fakes together weigh as much as the one real image.
         self.d_fake_weight = args.d_fake_weight if args.d_fake_weight is not None else (1 / 6 if args.gan == "wgan" else 0.1)
-        taps = models.gaussian_taps(args.d_blur).to(device)
-        self.d_taps = (taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)) if args.d_blur else None
+        self.d_taps = gaussian_taps_2d(args.d_blur, device)
+        self.real_taps = gaussian_taps_2d(args.real_blur, device)
 
     # -- the cross-fusion flow -------------------------------------------------------
     def noise(self, images, estimates):
@@ -323,6 +331,11 @@ class TCFLTrainer(Trainer):
         and not the fine texture the averaged references keep (residual speckle no denoiser should copy)."""
         return images if self.d_taps is None else models.separable_blur(images, *self.d_taps)
 
+    def real_view(self, clean):
+        """The references D learns as real: --real_blur SIGMA smooths away their residual speckle, so the
+        critic asks for outputs as smooth as that, not for the references' grain."""
+        return clean if self.real_taps is None else models.separable_blur(clean, *self.real_taps)
+
     @staticmethod
     def identity_loss(fakes, clean_c):
         clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2 = fakes
@@ -375,7 +388,7 @@ class TCFLTrainer(Trainer):
         for _ in range(args.n_critic):
             with self.autocast(clean_c.device):
                 # Instance norm is per image, so one call on [real; fakes] equals separate calls.
-                scores = self.D_train(self.critic_view(torch.cat([clean_c, fakes]))).float()
+                scores = self.D_train(self.critic_view(torch.cat([self.real_view(clean_c), fakes]))).float()
             loss_real = gan_loss(scores[:len(clean_c)], True, args.gan)
             loss_fake = 6 * gan_loss(scores[len(clean_c):], False, args.gan)
             loss_d = loss_real + self.d_fake_weight * loss_fake

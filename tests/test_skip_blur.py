@@ -111,7 +111,7 @@ def test_the_nlm_correction_trains_and_the_checkpoint_rebuilds_the_filter(tmp_pa
                                    atol=1e-5, rtol=1e-4)
 
 
-# ---------------------------------------------------------------- --d_blur: the critic judges structure
+# ---------------------------------------------------------------- --d_blur / --real_blur: what the critic sees
 
 class Recorder(torch.nn.Module):
     """A discriminator that keeps what it was shown."""
@@ -125,23 +125,27 @@ class Recorder(torch.nn.Module):
         return self.scale * images.mean(dim=(1, 2, 3))
 
 
-@pytest.mark.parametrize("d_blur", [0.0, 1.5])
-def test_the_critic_sees_real_and_fake_images_through_d_blur(trainer_args, d_blur):
+@pytest.mark.parametrize("d_blur, real_blur", [(0.0, 0.0), (1.5, 0.0), (0.0, 1.0), (1.5, 1.0)])
+def test_the_critic_sees_real_and_fake_images_through_d_blur_and_real_blur(trainer_args, d_blur, real_blur):
     torch.manual_seed(0)
-    trainer = trainers.TCFLTrainer(trainer_args(d_blur=d_blur), discriminator=Recorder())
+    trainer = trainers.TCFLTrainer(trainer_args(d_blur=d_blur, real_blur=real_blur), discriminator=Recorder())
     noisy_a, noisy_b, clean_c = (torch.rand(2, 1, 32, 32) for _ in range(3))
     fakes, _ = trainer.generator_step(noisy_a, noisy_b, clean_c)
     trainer.discriminator_step(clean_c, fakes)
     shown_g, shown_d = trainer.D.seen
-    expected = torch.cat([clean_c, fakes.detach()]).numpy()
-    if d_blur:
+    real = clean_c.numpy()
+    if real_blur:  # the references only
+        real = np.stack([blurred(image[0], (real_blur, real_blur)) for image in real])[:, None]
+    expected = np.concatenate([real, fakes.detach().numpy()])
+    if d_blur:  # then both
         expected = np.stack([blurred(image[0], (d_blur, d_blur)) for image in expected])[:, None]
     np.testing.assert_allclose(shown_d.numpy(), expected, atol=1e-5)  # the real image and the six fakes
     np.testing.assert_allclose(shown_g.numpy(), expected[len(clean_c):], atol=1e-5)  # G's adversarial term
 
 
-def test_d_blur_is_checked():
-    with pytest.raises(DataError, match="--d_blur needs a sigma >= 0, got -1.0"):
-        train.parse_args(["--d_blur", "-1"])
-    with pytest.raises(DataError, match="does not read --d_blur"):
-        train.parse_args(["--method", "cncl", "--d_blur", "1"])
+@pytest.mark.parametrize("name", ["d_blur", "real_blur"])
+def test_the_critic_blurs_are_checked(name):
+    with pytest.raises(DataError, match=f"--{name} needs a sigma >= 0, got -1.0"):
+        train.parse_args([f"--{name}", "-1"])
+    with pytest.raises(DataError, match=f"does not read --{name}"):
+        train.parse_args(["--method", "cncl", f"--{name}", "1"])
