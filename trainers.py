@@ -73,7 +73,6 @@ def freeze_batchnorm(model):
             module.eval()
 
 
-@torch.no_grad()
 def gaussian_taps_2d(sigma, device):
     """(axial, lateral) taps of an isotropic Gaussian for models.separable_blur; None for sigma 0."""
     if not sigma:
@@ -82,6 +81,7 @@ def gaussian_taps_2d(sigma, device):
     return taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)
 
 
+@torch.no_grad()
 def update_ema(ema_model, model, decay, updates):
     """ema <- d * ema + (1 - d) * live, with d warming up as (1 + n) / (10 + n): a short
     run's average must not be dominated by the random initial weights."""

@@ -383,6 +383,7 @@ def test_ema_after_one_step_is_the_warm_up_weighted_average(make_trainer, decay)
     assert max((p - q).abs().max().item() for p, q in zip(live, initial)) > 1e-3  # G moved
     for ema, start, now in zip(trainer.ema.parameters(), initial, live):
         torch.testing.assert_close(ema, d * start + (1 - d) * now.detach(), rtol=1e-6, atol=1e-7)
+        assert ema.grad_fn is None and not ema.requires_grad  # outside autograd: no graph kept from step to step
     for ema, now in zip(trainer.ema.buffers(), trainer.model.buffers()):  # BN statistics: copied
         assert torch.equal(ema, now)
     assert trainer.denoiser().net is trainer.ema  # what validation and the checkpoint's inference use
