@@ -103,6 +103,11 @@ def get_parser():
     g.add_argument("--r2r_alpha", type=float, default=0.5, help="r2r: recorruption strength alpha (input y + alpha z, target y - z / alpha)")
     g.add_argument("--r2r_passes", type=int, default=8, help="r2r: recorrupted passes averaged at test time")
     g.add_argument("--n2n_gamma", type=float, default=2.0, help="n2n: final weight of the consistency regulariser (ramped from 0)")
+    add_machine_and_output_options(p)
+    return p
+
+
+def add_machine_and_output_options(p):
     g = p.add_argument_group("machine")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -124,4 +129,3 @@ def get_parser():
     g.add_argument("--overwrite", action="store_true", help="start over even if --ckpt_dir holds checkpoints")
     g.add_argument("--log_every", type=int, default=10, help="steps between log rows / collapse checks")
     g.add_argument("--collapse_tol", type=float, default=0.01)
-    return p
