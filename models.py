@@ -151,8 +151,13 @@ def gaussian_taps(sigma):
     return taps / taps.sum()
 
 
+def separable_taps(sigma_axial, sigma_lateral):
+    """The (axial, lateral) Gaussian taps separable_blur takes, shaped (1, 1, -1, 1) and (1, 1, 1, -1)."""
+    return gaussian_taps(sigma_axial).view(1, 1, -1, 1), gaussian_taps(sigma_lateral).view(1, 1, 1, -1)
+
+
 def separable_blur(image, taps_axial, taps_lateral):
-    """A (N, 1, H, W) batch through 1-D taps (gaussian_taps, shaped (1, 1, -1, 1) and (1, 1, 1, -1)), borders
+    """A (N, 1, H, W) batch through separable_taps' 1-D Gaussians, borders
     replicated: any image size and a zero sigma work (torchvision's gaussian_blur reflect-pads, which fails
     on tiles narrower than the kernel, and refuses sigma 0)."""
     axial, lateral = taps_axial.shape[2] // 2, taps_lateral.shape[3] // 2
@@ -189,8 +194,9 @@ class BlurSkip(FilterSkip):
 
     def __init__(self, net, sigma_axial, sigma_lateral):
         super().__init__(net)
-        self.register_buffer("taps_axial", gaussian_taps(sigma_axial).view(1, 1, -1, 1), persistent=False)
-        self.register_buffer("taps_lateral", gaussian_taps(sigma_lateral).view(1, 1, 1, -1), persistent=False)
+        taps_axial, taps_lateral = separable_taps(sigma_axial, sigma_lateral)
+        self.register_buffer("taps_axial", taps_axial, persistent=False)
+        self.register_buffer("taps_lateral", taps_lateral, persistent=False)
 
     def filter(self, image):
         return separable_blur(image, self.taps_axial, self.taps_lateral)

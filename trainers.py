@@ -73,14 +73,6 @@ def freeze_batchnorm(model):
             module.eval()
 
 
-def gaussian_taps_2d(sigma, device):
-    """(axial, lateral) taps of an isotropic Gaussian for models.separable_blur; None for sigma 0."""
-    if not sigma:
-        return None
-    taps = models.gaussian_taps(sigma).to(device)
-    return taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)
-
-
 @torch.no_grad()
 def update_ema(ema_model, model, decay, updates):
     """ema <- d * ema + (1 - d) * live, with d warming up as (1 + n) / (10 + n): a short
@@ -273,8 +265,9 @@ class TCFLTrainer(Trainer):
         # Published LSGAN recipe: 0.1 on the fakes. A WGAN critic estimates mean(D(real)) - mean(D(fake)),
         # so there the six fakes together weigh as much as the one real image.
         self.d_fake_weight = args.d_fake_weight if args.d_fake_weight is not None else (1 / 6 if args.gan == "wgan" else 0.1)
-        self.d_taps = gaussian_taps_2d(args.d_blur, device)
-        self.real_taps = gaussian_taps_2d(args.real_blur, device)
+        def isotropic_taps(sigma):  # --d_blur / --real_blur for models.separable_blur; None: off
+            return [taps.to(device) for taps in models.separable_taps(sigma, sigma)] if sigma else None
+        self.d_taps, self.real_taps = isotropic_taps(args.d_blur), isotropic_taps(args.real_blur)
 
     # -- the cross-fusion flow -------------------------------------------------------
     def noise(self, images, estimates):
