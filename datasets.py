@@ -441,6 +441,14 @@ def as_tensor(crop, rng):
     return torch.from_numpy(crop)
 
 
+def with_neighbour_target(stack):
+    """(2, h, w) of a stack crop: the B-scan, then the mean of its registered neighbours (train.py
+    --neighbour_target: the same place scanned again, its speckle independent and, averaged over the
+    neighbours, weaker), never counting utils.context_stack's copies of the B-scan."""
+    genuine = [other for other in stack[1:] if not np.array_equal(other, stack[0])]
+    return np.stack([stack[0], np.mean(genuine, axis=0)])
+
+
 class TripletDataset(torch.utils.data.Dataset):
     """(I_A, I_B, C_C): two different noisy crops and one unrelated clean crop.
 
@@ -449,7 +457,7 @@ class TripletDataset(torch.utils.data.Dataset):
     reproducibly from (seed, epoch, index).
     """
 
-    def __init__(self, noisy, clean, patch_size, length, seed=0):
+    def __init__(self, noisy, clean, patch_size, length, seed=0, neighbour_targets=False):
         if len(noisy) < 2:
             raise DataError(f"TCFL needs at least 2 noisy training images, got {len(noisy)}")
         if not clean:
@@ -460,7 +468,11 @@ class TripletDataset(torch.utils.data.Dataset):
                 if min(image.shape[-2:]) < patch_size:
                     raise DataError(f"{kind} training image {i} is {image.shape[-2]}x{image.shape[-1]}, "
                                     f"smaller than --patch_size {patch_size}")
-        self.noisy, self.clean = noisy, clean
+        if neighbour_targets:
+            for i, stack in enumerate(noisy):
+                if stack.ndim != 3 or all(np.array_equal(other, stack[0]) for other in stack[1:]):
+                    raise DataError(f"noisy training image {i} has no registered neighbour B-scan for --neighbour_target")
+        self.noisy, self.clean, self.neighbour_targets = noisy, clean, neighbour_targets
         self.patch_size, self.length, self.seed = patch_size, length, seed
         self.epoch = 0
 
@@ -475,6 +487,9 @@ class TripletDataset(torch.utils.data.Dataset):
         a, b = rng.sample(range(len(self.noisy)), 2)
         c = rng.randrange(len(self.clean))
         crops = [random_crop(image, self.patch_size, rng) for image in (self.noisy[a], self.noisy[b], self.clean[c])]
+        if self.neighbour_targets:
+            return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
+                         for crop in [with_neighbour_target(crops[0]), with_neighbour_target(crops[1]), crops[2][None]])
         return tuple(as_tensor(crop, rng) for crop in crops)
 
 

@@ -29,6 +29,12 @@ def parse_args(argv=None):
         raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
     if args.skip_nlm and any(args.skip_blur):
         raise DataError("--skip_blur and --skip_nlm both name the filter G starts from: give one")
+    if args.neighbour_target < 0:
+        raise DataError(f"--neighbour_target needs a weight >= 0, got {args.neighbour_target}")
+    if args.neighbour_target and args.dataset != "duke28":
+        raise DataError(f"--neighbour_target needs registered neighbour B-scans: --dataset duke28, not {args.dataset}")
+    if args.neighbour_target and args.neighbours:
+        raise DataError("--neighbour_target makes the neighbour B-scans targets, --neighbours makes them inputs: give one")
     if args.neighbours and args.val_neighbours:
         raise DataError("--val_neighbours validates on neighbour B-scans, which have no neighbours of their own to "
                         "give a --neighbours network; validate on --n_val subjects instead")
@@ -89,6 +95,10 @@ def get_parser():
     g.add_argument("--real_blur", type=float, default=0.0, metavar="SIGMA",
                    help="tcfl: D's real images (the clean references) through a Gaussian of this sigma (pixels of the "
                         "binned B-scans), fakes unchanged, so D asks for outputs that smooth; 0: off")
+    g.add_argument("--neighbour_target", type=float, default=0.0, metavar="W",
+                   help="tcfl, duke28: weight of a Noise2Noise term, the mean squared difference between G's clean "
+                        "estimate of a training B-scan and the mean of its registered neighbour B-scans (the same "
+                        "place scanned again, their speckle independent of its); G still denoises one B-scan; 0: off")
     g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
     g.add_argument("--noise_scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
                    help="scale the noise re-added in P2P/C2P by a factor per image, uniform in [LO, HI] "

@@ -91,7 +91,8 @@ def load_training_data(args, data_kind):
     median noise level at full size), all laterally binned by --lateral_bin: G learns at the binned scale and
     denoises there; validation scores at full size."""
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
-                                                       val_neighbours=args.val_neighbours, neighbours=args.neighbours)
+                                                       val_neighbours=args.val_neighbours,
+                                                       neighbours=4 if args.neighbour_target else args.neighbours)
     # models.Denoiser's --noise_adapt level: the median over (at most ~100 of) the noisy training B-scans
     noise_level = float(np.median([noise_sigma(image if image.ndim == 2 else image[0])
                                    for image in noisy[::max(1, len(noisy) // 100)]]))
@@ -105,7 +106,8 @@ def load_training_data(args, data_kind):
         pairs = datasets.paired_training_data(args.dataset, args.data_root, args.split, val_samples, seed=args.seed)
         dataset = datasets.PairedCropDataset([tuple(binned(pair)) for pair in pairs], args.patch_size, args.epoch_size, seed=args.seed)
     else:
-        dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed)
+        dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed,
+                                          neighbour_targets=bool(args.neighbour_target))
     return dataset, noisy, val_samples, noise_level
 
 
