@@ -344,11 +344,12 @@ def neighbours_as_samples(samples):
 
 
 def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0, val_neighbours=False,
-                  neighbours=0):
+                  neighbours=0, val_subjects=None):
     """Unpaired training data: (noisy images, clean images, validation pairs).
 
     Validation pairs are held back from training (never taken from the test split):
-    the last n_val subjects of duke28's train split, fresh phantoms for synthetic;
+    the last n_val subjects of duke28's train split (or the subjects val_subjects names), fresh phantoms
+    for synthetic;
     val_neighbours: also their registered neighbour B-scans (neighbours_as_samples).
     neighbours > 0 (train.py --neighbours, duke28 only): each noisy image is a (1 + neighbours, H, W)
     stack, the B-scan then its nearest registered B-scans (utils.context_stack); every B-scan of a
@@ -356,7 +357,7 @@ def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256
     """
     if neighbours and dataset != "duke28":
         raise DataError(f"--neighbours {neighbours} needs registered neighbouring B-scans: --dataset duke28, not {dataset}")
-    noisy, clean, val = _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours)
+    noisy, clean, val = _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours, val_subjects)
     return noisy, clean, neighbours_as_samples(val) if val_neighbours else val
 
 
@@ -370,7 +371,25 @@ def _duke28_noisy(subject, neighbours):
     return [context_stack(volume, i, neighbours) for i in range(len(volume))]
 
 
-def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours=0):
+def _hold_back(subjects, n_val, val_subjects, where):
+    """(training subjects, validation subjects): the ones val_subjects names, else the last n_val."""
+    if val_subjects:
+        names = [str(name) for name in val_subjects]
+        unknown = [name for name in names if name not in {d.name for d in subjects}]
+        if unknown:
+            raise DataError(f"{where} has no training subject {', '.join(unknown)} to hold back (--val_subjects)")
+        held_back = [d for d in subjects if d.name in names]
+        train = [d for d in subjects if d.name not in names]
+    else:
+        if len(subjects) <= n_val:
+            raise DataError(f"{where} has {len(subjects)} training subjects, too few to hold back {n_val} for validation")
+        train, held_back = subjects[:len(subjects) - n_val], subjects[len(subjects) - n_val:]
+    if not train:
+        raise DataError(f"{where}: --val_subjects holds back every training subject")
+    return train, held_back
+
+
+def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours=0, val_subjects=None):
     _check_dataset(dataset)
     if n_val < 0:
         raise DataError(f"--n_val must be >= 0, got {n_val}")
@@ -395,10 +414,7 @@ def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours
             overlap = sorted(test_ids & {d.name for d in subjects}, key=_id_order)
             raise DataError(f"{root / 'splits.json'}: split '{split}' shares subject(s) {', '.join(overlap)} with the test split")
         subjects = [d for d in subjects if d.name not in test_ids]
-        if len(subjects) <= n_val:
-            raise DataError(f"{root}: split '{split}' has {len(subjects)} training subjects, "
-                            f"too few to hold back {n_val} for validation")
-        train, held_back = subjects[:len(subjects) - n_val], subjects[len(subjects) - n_val:]
+        train, held_back = _hold_back(subjects, n_val, val_subjects, f"{root}: split '{split}'")
         noisy, clean = [], []
         for d in train:
             # test.tif is the subject's own noisy scan (required); 1..4.tif are optional neighbours.

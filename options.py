@@ -29,6 +29,8 @@ def parse_args(argv=None):
         raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
     if args.skip_nlm and any(args.skip_blur):
         raise DataError("--skip_blur and --skip_nlm both name the filter G starts from: give one")
+    if args.val_subjects and args.dataset != "duke28":
+        raise DataError(f"--val_subjects names duke28 subjects; --dataset is {args.dataset}")
     if args.neighbour_target < 0:
         raise DataError(f"--neighbour_target needs a weight >= 0, got {args.neighbour_target}")
     if args.neighbour_target and args.dataset != "duke28":
@@ -53,6 +55,9 @@ def get_parser():
     g.add_argument("--data_root", default=None)
     g.add_argument("--split", default="train", help="split of duke28's splits.json to train on")
     g.add_argument("--n_val", type=int, default=2, help="training-split images held back for validation")
+    g.add_argument("--val_subjects", nargs="+", default=None, metavar="ID",
+                   help="duke28: the training-split subjects held back for validation instead of the last --n_val "
+                        "(another fold: does a lever's validation gain hold on other subjects?)")
     g.add_argument("--val_neighbours", action="store_true",
                    help="also validate on the held-back subjects' registered neighbour B-scans (duke28: 1..4.tif, "
                         "scored against the subject's average): 5x the validation images for --epoch best")

@@ -33,7 +33,7 @@ def add_data_args(parser, dataset="synthetic", split="test"):
     parser.add_argument("--data_root", default=None, help="folder of the data set (not needed for synthetic)")
     parser.add_argument("--split", default=split, help="train | test | all (duke28 reads <data_root>/splits.json) | "
                         "val: the training-split images train.py held back for validation (a checkpoint's own "
-                        "split, --n_val and --seed; without a checkpoint train.py's defaults)")
+                        "split, --n_val, --val_subjects and --seed; without a checkpoint train.py's defaults)")
     parser.add_argument("--val_neighbours", action="store_true",
                         help="with --split val: also the held-back subjects' neighbour B-scans (train.py --val_neighbours)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON")
@@ -45,9 +45,10 @@ def load_scoring_pairs(args, train_args=None):
     checkpoint's options, so a run trained with --n_val 1 is validated on its own held-back subject)."""
     if args.split == "val":
         defaults = options.get_parser().parse_args([])  # what train.py holds back unless the checkpoint says otherwise
-        run = {k: (train_args or {}).get(k, getattr(defaults, k)) for k in ("split", "n_val", "seed")}
+        run = {k: (train_args or {}).get(k, getattr(defaults, k)) for k in ("split", "n_val", "seed", "val_subjects")}
         return datasets.load_unpaired(args.dataset, args.data_root, run["split"], n_val=run["n_val"], seed=run["seed"],
-                                      val_neighbours=getattr(args, "val_neighbours", False))[2]
+                                      val_neighbours=getattr(args, "val_neighbours", False),
+                                      val_subjects=run["val_subjects"])[2]
     return datasets.load_pairs(args.dataset, args.data_root, args.split)
 
 

@@ -92,7 +92,8 @@ def load_training_data(args, data_kind):
     denoises there; validation scores at full size."""
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
                                                        val_neighbours=args.val_neighbours,
-                                                       neighbours=4 if args.neighbour_target else args.neighbours)
+                                                       neighbours=4 if args.neighbour_target else args.neighbours,
+                                                       val_subjects=args.val_subjects)
     # models.Denoiser's --noise_adapt level: the median over (at most ~100 of) the noisy training B-scans
     noise_level = float(np.median([noise_sigma(image if image.ndim == 2 else image[0])
                                    for image in noisy[::max(1, len(noisy) // 100)]]))

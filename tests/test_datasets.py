@@ -568,3 +568,34 @@ def test_split_val_with_val_neighbours_scores_the_neighbours_too(tmp_path, fake_
     args = Namespace(dataset="duke28", data_root=root, split="val", val_neighbours=True)
     assert len(scoring.load_scoring_pairs(args)) == 10
     assert len(scoring.load_scoring_pairs(Namespace(dataset="duke28", data_root=root, split="val"))) == 2
+
+
+# ---------------------------------------------------------------- validation folds (train.py --val_subjects)
+
+def test_val_subjects_hold_back_the_named_subjects_instead_of_the_last(tmp_path, make_duke28):
+    make_duke28(tmp_path, splits=SPLITS)
+    noisy, clean, val = datasets.load_unpaired("duke28", tmp_path, "train", val_subjects=["1", "3"])
+    assert [s.id for s in val] == ["1", "3"]
+    assert {tag_of(x) // 10 for x in noisy + clean} == {2, 4}  # the others train; test subjects 5, 6 nowhere
+    _, _, val = datasets.load_unpaired("duke28", tmp_path, "train", n_val=1, val_subjects=[2])  # ids as numbers too
+    assert [s.id for s in val] == ["2"]
+    with raises(tmp_path, "no training subject 5, 9 to hold back (--val_subjects)"):  # a test subject, a missing one
+        datasets.load_unpaired("duke28", tmp_path, "train", val_subjects=["5", "9"])
+    with raises(tmp_path, "holds back every training subject"):
+        datasets.load_unpaired("duke28", tmp_path, "train", val_subjects=["1", "2", "3", "4"])
+
+
+def test_a_fold_trains_validates_and_evaluates_on_its_own_subjects(tmp_path, fake_duke28, capsys):
+    import evaluate
+    import train
+    root = fake_duke28(tmp_path / "data", ids=range(1, 5), size=(48, 64), splits={"train": [1, 2, 3], "test": [4]})
+    ckpt = tmp_path / "ckpt"
+    train.main(["--dataset", "duke28", "--data_root", str(root), "--val_subjects", "1", "--patch_size", "32",
+                "--batch_size", "2", "--epoch_size", "2", "--niter", "1", "--ckpt_dir", str(ckpt),
+                "--img_dir", str(tmp_path / "img")])
+    assert "2 noisy training images, 1 validation pairs" in capsys.readouterr().out  # subjects 2, 3 train
+    summary = evaluate.main(["--ckpt", str(ckpt / "epoch_1.pth"), "--dataset", "duke28", "--data_root", str(root),
+                             "--split", "val", "--out_dir", str(tmp_path / "ev")])
+    assert [row["id"] for row in summary["per_image"]] == ["1"]  # the checkpoint's own fold, not the last subjects
+    with pytest.raises(DataError, match="--val_subjects names duke28 subjects; --dataset is synthetic"):
+        train.parse_args(["--val_subjects", "1"])
