@@ -346,7 +346,7 @@ class TCFLTrainer(Trainer):
 
     def generator_loss(self, fakes, clean_c, noise_a, noise_b, targets=None):
         """(total, adversarial, identity): the six fakes' GAN term + lam x identity (+ the TV, repulsion and
-        --neighbour_target terms; targets: the registered neighbours of I_A then I_B, or None)."""
+        --neighbour_target terms; targets: the mean of I_A's, then I_B's registered neighbours, or None)."""
         args = self.args
         with self.autocast(fakes.device):
             # Sum over the six fakes of each one's mean loss = 6 x the mean over all of them.
