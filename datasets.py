@@ -457,11 +457,13 @@ def as_tensor(crop, rng):
     return torch.from_numpy(crop)
 
 
-def with_neighbour_target(stack):
-    """(2, h, w) of a stack crop: the B-scan, then the mean of its registered neighbours (train.py
+def with_neighbour_target(stack, name="image"):
+    """(2, H, W): the B-scan of a (1 + k, H, W) stack, then the mean of its registered neighbours (train.py
     --neighbour_target: the same place scanned again, its speckle independent and, averaged over the
     neighbours, weaker), never counting utils.context_stack's copies of the B-scan."""
-    genuine = [other for other in stack[1:] if not np.array_equal(other, stack[0])]
+    genuine = [other for other in stack[1:] if not np.array_equal(other, stack[0])] if stack.ndim == 3 else []
+    if not genuine:
+        raise DataError(f"{name} has no registered neighbour B-scan for --neighbour_target")
     return np.stack([stack[0], np.mean(genuine, axis=0)])
 
 
@@ -484,10 +486,8 @@ class TripletDataset(torch.utils.data.Dataset):
                 if min(image.shape[-2:]) < patch_size:
                     raise DataError(f"{kind} training image {i} is {image.shape[-2]}x{image.shape[-1]}, "
                                     f"smaller than --patch_size {patch_size}")
-        if neighbour_targets:
-            for i, stack in enumerate(noisy):
-                if stack.ndim != 3 or all(np.array_equal(other, stack[0]) for other in stack[1:]):
-                    raise DataError(f"noisy training image {i} has no registered neighbour B-scan for --neighbour_target")
+        if neighbour_targets:  # built once: a crop of (B-scan, neighbours' mean) is the pair of their crops
+            noisy = [with_neighbour_target(stack, f"noisy training image {i}") for i, stack in enumerate(noisy)]
         self.noisy, self.clean, self.neighbour_targets = noisy, clean, neighbour_targets
         self.patch_size, self.length, self.seed = patch_size, length, seed
         self.epoch = 0
@@ -503,9 +503,8 @@ class TripletDataset(torch.utils.data.Dataset):
         a, b = rng.sample(range(len(self.noisy)), 2)
         c = rng.randrange(len(self.clean))
         crops = [random_crop(image, self.patch_size, rng) for image in (self.noisy[a], self.noisy[b], self.clean[c])]
-        if self.neighbour_targets:
-            return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
-                         for crop in [with_neighbour_target(crops[0]), with_neighbour_target(crops[1]), crops[2][None]])
+        if self.neighbour_targets:  # no neighbour dropout: the second slice is a target, not an input
+            return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32)) for crop in (*crops[:2], crops[2][None]))
         return tuple(as_tensor(crop, rng) for crop in crops)
 
 
