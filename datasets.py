@@ -457,14 +457,14 @@ def as_tensor(crop, rng):
     return torch.from_numpy(crop)
 
 
-def with_neighbour_target(stack, name="image"):
-    """(2, H, W): the B-scan of a (1 + k, H, W) stack, then the mean of its registered neighbours (train.py
+def neighbour_mean(stack, name="image"):
+    """(H, W): the mean of the registered neighbours of a (1 + k, H, W) stack's B-scan (train.py
     --neighbour_target: the same place scanned again, its speckle independent and, averaged over the
     neighbours, weaker), never counting utils.context_stack's copies of the B-scan."""
     genuine = [other for other in stack[1:] if not np.array_equal(other, stack[0])] if stack.ndim == 3 else []
     if not genuine:
         raise DataError(f"{name} has no registered neighbour B-scan for --neighbour_target")
-    return np.stack([stack[0], np.mean(genuine, axis=0)])
+    return np.mean(genuine, axis=0)
 
 
 class TripletDataset(torch.utils.data.Dataset):
@@ -473,9 +473,12 @@ class TripletDataset(torch.utils.data.Dataset):
     The published recipe crosses every unordered noisy pair with every clean image;
     that set is huge, so an epoch draws `length` triplets from it at random,
     reproducibly from (seed, epoch, index).
+
+    targets: one (H, W) image per noisy image (the --neighbour_target and --bm3d_target terms), cropped at
+    the same place as it: I_A and I_B then come as (2, h, w) crops, the image and its target.
     """
 
-    def __init__(self, noisy, clean, patch_size, length, seed=0, neighbour_targets=False):
+    def __init__(self, noisy, clean, patch_size, length, seed=0, targets=None):
         if len(noisy) < 2:
             raise DataError(f"TCFL needs at least 2 noisy training images, got {len(noisy)}")
         if not clean:
@@ -486,9 +489,11 @@ class TripletDataset(torch.utils.data.Dataset):
                 if min(image.shape[-2:]) < patch_size:
                     raise DataError(f"{kind} training image {i} is {image.shape[-2]}x{image.shape[-1]}, "
                                     f"smaller than --patch_size {patch_size}")
-        if neighbour_targets:  # built once: a crop of (B-scan, neighbours' mean) is the pair of their crops
-            noisy = [with_neighbour_target(stack, f"noisy training image {i}") for i, stack in enumerate(noisy)]
-        self.noisy, self.clean, self.neighbour_targets = noisy, clean, neighbour_targets
+        if targets is not None:  # stacked once: a crop of (image, target) is the pair of their crops
+            if len(targets) != len(noisy):
+                raise ValueError(f"{len(targets)} targets for {len(noisy)} noisy training images")
+            noisy = [np.stack([image, target]) for image, target in zip(noisy, targets)]
+        self.noisy, self.clean, self.with_targets = noisy, clean, targets is not None
         self.patch_size, self.length, self.seed = patch_size, length, seed
         self.epoch = 0
 
@@ -503,7 +508,7 @@ class TripletDataset(torch.utils.data.Dataset):
         a, b = rng.sample(range(len(self.noisy)), 2)
         c = rng.randrange(len(self.clean))
         crops = [random_crop(image, self.patch_size, rng) for image in (self.noisy[a], self.noisy[b], self.clean[c])]
-        if self.neighbour_targets:  # no neighbour dropout: the second slice is a target, not an input
+        if self.with_targets:  # no neighbour dropout: the second slice is a target, not an input
             return tuple(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32)) for crop in (*crops[:2], crops[2][None]))
         return tuple(as_tensor(crop, rng) for crop in crops)
 

@@ -35,6 +35,12 @@ def parse_args(argv=None):
         raise DataError(f"--neighbour_target needs a weight >= 0, got {args.neighbour_target}")
     if args.neighbour_target and args.dataset != "duke28":
         raise DataError(f"--neighbour_target needs registered neighbour B-scans: --dataset duke28, not {args.dataset}")
+    if args.bm3d_target < 0:
+        raise DataError(f"--bm3d_target needs a weight >= 0, got {args.bm3d_target}")
+    if args.bm3d_target and args.neighbour_target:
+        raise DataError("--bm3d_target and --neighbour_target both name the target of G's squared-error term: give one")
+    if args.bm3d_target and args.neighbours:
+        raise DataError("--bm3d_target denoises single B-scans: not with --neighbours")
     if args.neighbour_target and args.neighbours:
         raise DataError("--neighbour_target makes the neighbour B-scans targets, --neighbours makes them inputs: give one")
     if args.neighbours and args.val_neighbours:
@@ -104,6 +110,9 @@ def get_parser():
                    help="tcfl, duke28: weight of a Noise2Noise term, the mean squared difference between G's clean "
                         "estimate of a training B-scan and the mean of its registered neighbour B-scans (the same "
                         "place scanned again, their speckle independent of its); G still denoises one B-scan; 0: off")
+    g.add_argument("--bm3d_target", type=float, default=0.0, metavar="W",
+                   help="tcfl: weight of a distillation term, the mean squared difference between G's clean estimate "
+                        "of a training B-scan and BM3D.py's output of it (computed once at start); 0: off")
     g.add_argument("--sigma_rep", type=float, default=0.0, help="N_A/N_B repulsion weight")
     g.add_argument("--noise_scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
                    help="scale the noise re-added in P2P/C2P by a factor per image, uniform in [LO, HI] "

@@ -28,6 +28,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import baselines
 import datasets
 import trainers
 from options import parse_args
@@ -107,9 +108,23 @@ def load_training_data(args, data_kind):
         pairs = datasets.paired_training_data(args.dataset, args.data_root, args.split, val_samples, seed=args.seed)
         dataset = datasets.PairedCropDataset([tuple(binned(pair)) for pair in pairs], args.patch_size, args.epoch_size, seed=args.seed)
     else:
-        dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed,
-                                          neighbour_targets=bool(args.neighbour_target))
+        noisy, targets = training_targets(args, noisy)
+        dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed, targets=targets)
     return dataset, noisy, val_samples, noise_level
+
+
+def training_targets(args, noisy):
+    """(noisy B-scans, a target per B-scan or None) for TCFL's extra squared-error term: the mean of each
+    B-scan's registered neighbours (--neighbour_target; noisy holds the binned stacks) or BM3D.py's output
+    of it (--bm3d_target; computed once here, at the binned scale, where BM3D.py's 4:1 denoising happens)."""
+    if args.neighbour_target:
+        return [stack[0] for stack in noisy], [datasets.neighbour_mean(stack, f"noisy training image {i}")
+                                               for i, stack in enumerate(noisy)]
+    if args.bm3d_target:
+        bm3d_bin = max(1, baselines.BM3D_LATERAL_BIN // args.lateral_bin)
+        return noisy, [baselines.bm3d_denoise(image, lateral_bin=bm3d_bin)
+                       for image in tqdm(noisy, desc="BM3D.py targets", disable=int(os.environ.get("RANK", 0)) > 0)]
+    return noisy, None
 
 
 def print_options(args, summary):

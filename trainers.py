@@ -34,7 +34,7 @@ from utils import DataError, use_bf16
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                   "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm", "d_blur",
-                  "real_blur", "neighbour_target", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "real_blur", "neighbour_target", "bm3d_target", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -247,7 +247,7 @@ class TCFLTrainer(Trainer):
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                        "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours",
-                       "skip_blur", "skip_nlm", "d_blur", "real_blur", "neighbour_target"})
+                       "skip_blur", "skip_nlm", "d_blur", "real_blur", "neighbour_target", "bm3d_target"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
         generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours,
@@ -346,7 +346,7 @@ class TCFLTrainer(Trainer):
 
     def generator_loss(self, fakes, clean_c, noise_a, noise_b, targets=None):
         """(total, adversarial, identity): the six fakes' GAN term + lam x identity (+ the TV, repulsion and
-        --neighbour_target terms; targets: the mean of I_A's, then I_B's registered neighbours, or None)."""
+        --neighbour_target / --bm3d_target terms; targets: I_A's, then I_B's target images, or None)."""
         args = self.args
         with self.autocast(fakes.device):
             # Sum over the six fakes of each one's mean loss = 6 x the mean over all of them.
@@ -357,13 +357,13 @@ class TCFLTrainer(Trainer):
             loss = loss + args.sigma_tv * total_variation(fakes)
         if args.sigma_rep:  # push N_A away from N_B: the trivial solution makes them equal
             loss = loss + args.sigma_rep * (torch.exp(-F.l1_loss(noise_a, noise_b)) - 1)
-        if targets is not None:  # Noise2Noise: the neighbour's independent speckle averages out of a squared error
-            loss = loss + args.neighbour_target * F.mse_loss(fakes[:len(targets)], targets)
+        if targets is not None:  # Noise2Noise (a neighbour's independent speckle averages out) or BM3D.py's output
+            loss = loss + (args.neighbour_target or args.bm3d_target) * F.mse_loss(fakes[:len(targets)], targets)
         return loss, adversarial, identity
 
     def generator_step(self, noisy_a, noisy_b, clean_c):
         targets = None
-        if self.args.neighbour_target:  # the data's second slice is a neighbour to match, not an input
+        if self.args.neighbour_target or self.args.bm3d_target:  # the data's second slice is a target, not an input
             (noisy_a, target_a), (noisy_b, target_b) = noisy_a.split(1, dim=1), noisy_b.split(1, dim=1)
             targets = torch.cat([target_a, target_b])
         self.train_mode()

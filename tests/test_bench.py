@@ -7,6 +7,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
+import ceiling  # noqa: E402
 import grain  # noqa: E402
 import infer_speed  # noqa: E402
 import inference_bin  # noqa: E402
@@ -86,3 +87,25 @@ def test_quality_feeds_a_neighbours_checkpoint_its_volume(tmp_path, monkeypatch)
     summaries = quality.main(["--dataset", "synthetic", "--quick", "--no_bm3d", "--no_save", "--size", "40"])
     row = {s["method"]: s for s in summaries}["tcfl (g3_G.pth)"]
     assert row["bscans"] == 3 and seen[-1] is True
+
+
+def test_ceiling_finds_each_b_scans_best_gaussian_and_averages_the_classical_outputs(tmp_path, fake_duke28):
+    from scipy import ndimage
+    import baselines
+    import datasets
+    from utils import psnr
+    noisy = np.random.default_rng(0).random((64, 256), dtype=np.float32)
+    wide = datasets.Sample("wide", noisy, ndimage.gaussian_filter(noisy, (2.0, 32.0), mode="reflect") + 1e-3)
+    row = ceiling.best_gaussian(wide)
+    assert (row["best_axial"], row["best_lateral"]) == (2.0, 32.0) and row["best_psnr"] > row["blur_py_psnr"]
+    mix = ceiling.classical_mix([wide])["wide"]
+    by_hand = (baselines.blur_denoise(noisy) + baselines.CLASSICAL["bm3d"].denoise(noisy)) / 2
+    assert mix["(blur+bm3d)/2"] == pytest.approx(psnr(wide.clean, by_hand), abs=1e-6)
+    root = fake_duke28(tmp_path, ids=(1, 2, 3), neighbours=(1, 2, 3, 4), splits={"train": [1, 2], "test": [3]})
+    payload = ceiling.main(["--data_root", str(root), "--no_save"])
+    assert [row["id"] for row in payload["per_scan"]] == ["1", "2"] + [f"{n}/{k}.tif" for n in (1, 2) for k in range(1, 5)]
+    assert payload["summary"]["oracle_gain_db"] >= 0  # blur.py's Gaussian is on the grid
+    fold = payload["folds"]["1-2"]
+    assert fold["n_images"] == 10
+    assert fold["bm3d"] == pytest.approx(np.mean([scores["bm3d"] for scores in payload["classical_per_scan"].values()]))
+    assert payload["classical_mix"]["blur"] == pytest.approx(np.mean([payload["classical_per_scan"][i]["blur"] for i in "12"]))

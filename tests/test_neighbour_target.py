@@ -1,10 +1,13 @@
-"""train.py --neighbour_target W (TCFL + a Noise2Noise term): the (B-scan, neighbour) crops, the loss term,
-the single-B-scan generator it trains, and the option checks."""
+"""train.py --neighbour_target W (TCFL + a Noise2Noise term) and --bm3d_target W (+ a term towards BM3D.py's
+output): the (B-scan, target) crops, the loss term, the single-B-scan generator they train, and the option checks."""
+from argparse import Namespace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import baselines
 import datasets
 import models
 import train
@@ -19,20 +22,23 @@ def tagged_stack(tags, shape=(40, 50)):
     return np.stack([base + 10 * tag for tag in tags])
 
 
-def test_a_crop_pairs_the_b_scan_with_the_mean_of_its_genuine_neighbours():
+def test_the_target_is_the_mean_of_the_genuine_neighbours():
     rng = np.random.default_rng(1)
     stack = np.stack([rng.random((6, 7), dtype=np.float32) for _ in range(5)])
     stack[3:] = stack[0]  # two copies of the B-scan (a subject with two neighbours only)
-    pair = datasets.with_neighbour_target(stack)
-    assert pair.shape == (2, 6, 7)
-    np.testing.assert_array_equal(pair[0], stack[0])
-    np.testing.assert_allclose(pair[1], (stack[1] + stack[2]) / 2, rtol=1e-6)  # never the B-scan's copies
+    np.testing.assert_allclose(datasets.neighbour_mean(stack), (stack[1] + stack[2]) / 2, rtol=1e-6)  # never the copies
+
+
+def target_args(neighbour_target=0.0, bm3d_target=0.0, lateral_bin=4):
+    return Namespace(neighbour_target=neighbour_target, bm3d_target=bm3d_target, lateral_bin=lateral_bin)
 
 
 def test_triplets_with_neighbour_targets_keep_the_neighbours_and_crop_them_together():
-    noisy = [tagged_stack([10 * i, 10 * i + 1, 10 * i + 2]) for i in range(3)]
+    stacks = [tagged_stack([10 * i, 10 * i + 1, 10 * i + 2]) for i in range(3)]
     clean = [np.random.default_rng(2).random((40, 50), dtype=np.float32)]
-    dataset = datasets.TripletDataset(noisy, clean, patch_size=16, length=300, neighbour_targets=True)
+    noisy, targets = train.training_targets(target_args(neighbour_target=1.0), stacks)
+    assert [image.shape for image in noisy] == [(40, 50)] * 3
+    dataset = datasets.TripletDataset(noisy, clean, patch_size=16, length=300, targets=targets)
     triplets = [dataset[i] for i in range(len(dataset))]
     assert {(a.shape, b.shape, c.shape) for a, b, c in triplets} == {((2, 16, 16), (2, 16, 16), (1, 16, 16))}
     for a, b, _ in triplets:
@@ -42,15 +48,40 @@ def test_triplets_with_neighbour_targets_keep_the_neighbours_and_crop_them_toget
 
 
 def test_neighbour_targets_need_neighbours():
-    clean = [np.zeros((40, 50), np.float32)]
-    for noisy in ([np.zeros((40, 50), np.float32)] * 2, [tagged_stack([1, 2]), tagged_stack([3, 3, 3])]):
+    for stacks in ([np.zeros((40, 50), np.float32)] * 2, [tagged_stack([1, 2]), tagged_stack([3, 3, 3])]):
         with pytest.raises(DataError, match="has no registered neighbour B-scan for --neighbour_target"):
-            datasets.TripletDataset(noisy, clean, patch_size=16, length=4, neighbour_targets=True)
+            train.training_targets(target_args(neighbour_target=1.0), stacks)
 
 
-def test_the_loss_adds_w_times_the_squared_error_of_both_stage_1_estimates(trainer_args):
+@pytest.mark.parametrize("lateral_bin, bm3d_bin", [(4, 1), (1, 4), (2, 2)])
+def test_bm3d_targets_are_bm3d_py_at_its_own_overall_binning(monkeypatch, lateral_bin, bm3d_bin):
+    rng = np.random.default_rng(3)
+    noisy = [rng.random((24, 32), dtype=np.float32) for _ in range(2)]
+    calls = []
+    real = baselines.bm3d_denoise
+    monkeypatch.setattr(baselines, "bm3d_denoise", lambda image, **kw: calls.append(kw) or real(image, **kw))
+    images, targets = train.training_targets(target_args(bm3d_target=1.0, lateral_bin=lateral_bin), noisy)
+    assert images is noisy and calls == [{"lateral_bin": bm3d_bin}] * 2  # 4:1 overall, as BM3D.py denoises
+    for image, target in zip(noisy, targets):
+        np.testing.assert_array_equal(target, real(image, lateral_bin=bm3d_bin))
+    assert train.training_targets(target_args(), noisy) == (noisy, None)
+
+
+def test_triplets_crop_each_image_with_its_own_target_at_the_same_place():
+    noisy = [tagged_stack([i]) [0] for i in range(3)]
+    targets = [image + 100 + i for i, image in enumerate(noisy)]
+    dataset = datasets.TripletDataset(noisy, [noisy[0]], patch_size=16, length=50, targets=targets)
+    for a, b, _ in (dataset[i] for i in range(len(dataset))):
+        for pair in (a.numpy(), b.numpy()):
+            offset = pair[1] - pair[0]
+            np.testing.assert_allclose(offset, offset.flat[0], atol=1e-4)  # the same place
+            assert round(float(offset.flat[0])) - 100 == round(float(pair[0].mean() - 0.5) / 10)  # its own target
+
+
+@pytest.mark.parametrize("option", ["neighbour_target", "bm3d_target"])
+def test_the_loss_adds_w_times_the_squared_error_of_both_stage_1_estimates(trainer_args, option):
     torch.manual_seed(0)
-    trainer = trainers.TCFLTrainer(trainer_args("--dataset", "duke28", neighbour_target=3.0, frozen_bn=True))
+    trainer = trainers.TCFLTrainer(trainer_args("--dataset", "duke28", frozen_bn=True, **{option: 3.0}))
     noisy_a, noisy_b, clean_c = torch.rand(2, 2, 32, 32), torch.rand(2, 2, 32, 32), torch.rand(2, 1, 32, 32)
     targets = torch.cat([noisy_a[:, 1:], noisy_b[:, 1:]])
     with torch.no_grad():
@@ -80,11 +111,12 @@ def test_the_step_feeds_g_the_b_scan_only_and_moves_it_toward_the_neighbour(trai
     assert distance() < 0.5 * before
 
 
-def test_train_with_neighbour_target_ships_a_single_b_scan_generator(tmp_path, fake_duke28):
+@pytest.mark.parametrize("option", ["--neighbour_target", "--bm3d_target"])
+def test_train_with_a_target_ships_a_single_b_scan_generator(tmp_path, fake_duke28, option):
     root = fake_duke28(tmp_path / "data", ids=range(1, 5), size=(48, 96), neighbours=(1, 2, 3, 4),
                        splits={"train": [1, 2, 3], "test": [4]})
     ckpt = tmp_path / "ckpt"
-    train.main(["--dataset", "duke28", "--data_root", str(root), "--n_val", "1", "--neighbour_target", "10",
+    train.main(["--dataset", "duke28", "--data_root", str(root), "--n_val", "1", option, "10",
                 "--patch_size", "32", "--batch_size", "2", "--epoch_size", "4", "--niter", "1",
                 "--ckpt_dir", str(ckpt), "--img_dir", str(tmp_path / "img")])
     denoiser = models.load_checkpoint(ckpt / "epoch_1.pth")[0]
@@ -96,6 +128,10 @@ def test_train_with_neighbour_target_ships_a_single_b_scan_generator(tmp_path, f
     (["--neighbour_target", "1", "--neighbours", "2"], "--neighbour_target makes the neighbour B-scans targets"),
     (["--neighbour_target", "1", "--method", "n2n"], "does not read --neighbour_target"),
     (["--neighbour_target", "1"], "--neighbour_target needs registered neighbour B-scans: --dataset duke28, not synthetic"),
+    (["--bm3d_target", "-1"], "--bm3d_target needs a weight >= 0, got -1.0"),
+    (["--bm3d_target", "1", "--neighbour_target", "1"], "--bm3d_target and --neighbour_target both name the target"),
+    (["--bm3d_target", "1", "--neighbours", "2"], "--bm3d_target denoises single B-scans: not with --neighbours"),
+    (["--bm3d_target", "1", "--method", "r2r"], "does not read --bm3d_target"),
 ])
 def test_neighbour_target_option_checks(argv, message):
     argv = argv if "--dataset" in argv or "synthetic" in message else ["--dataset", "duke28"] + argv
