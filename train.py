@@ -116,7 +116,8 @@ def load_training_data(args, data_kind):
 def training_targets(args, noisy):
     """(noisy B-scans, a target per B-scan or None) for TCFL's extra squared-error term: the mean of each
     B-scan's registered neighbours (--neighbour_target; noisy holds the binned stacks) or BM3D.py's output
-    of it (--bm3d_target; computed once here, at the binned scale, where BM3D.py's 4:1 denoising happens)."""
+    of it (--bm3d_target; computed once here, on the binned B-scans binned further to BM3D.py's own 4:1
+    overall where --lateral_bin is finer than that)."""
     if args.neighbour_target:
         return [stack[0] for stack in noisy], [datasets.neighbour_mean(stack, f"noisy training image {i}")
                                                for i, stack in enumerate(noisy)]
