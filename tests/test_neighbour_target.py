@@ -68,7 +68,7 @@ def test_bm3d_targets_are_bm3d_py_at_its_own_overall_binning(monkeypatch, latera
 
 
 def test_triplets_crop_each_image_with_its_own_target_at_the_same_place():
-    noisy = [tagged_stack([i]) [0] for i in range(3)]
+    noisy = [tagged_stack([i])[0] for i in range(3)]
     targets = [image + 100 + i for i, image in enumerate(noisy)]
     dataset = datasets.TripletDataset(noisy, [noisy[0]], patch_size=16, length=50, targets=targets)
     for a, b, _ in (dataset[i] for i in range(len(dataset))):
