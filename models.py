@@ -170,7 +170,8 @@ class FilterSkip(nn.Module):
     is x - filter(x), the filter's residual, plus the backbone's correction, whose last convolution starts
     at zero. Trained from scratch for a few hundred CPU steps, TCFL's DnCNN stayed below a tuned Gaussian
     blur on the Duke scans (docs/training.md); from here it only has to learn what the filter misses.
-    The filter reads the B-scan (channel 0) only; subclasses define it."""
+    The filter reads filter_input(x): the B-scan (channel 0) unless a subclass blends in its neighbours;
+    subclasses define the filter."""
 
     def __init__(self, net):
         super().__init__()
@@ -183,20 +184,31 @@ class FilterSkip(nn.Module):
     def filter(self, image):
         raise NotImplementedError
 
+    def filter_input(self, x):
+        return x[:, :1]
+
     def forward(self, x):
-        image = x[:, :1]
-        return image - self.filter(image) + self.net(x)
+        return x[:, :1] - self.filter(self.filter_input(x)) + self.net(x)
 
 
 class BlurSkip(FilterSkip):
     """FilterSkip over an anisotropic Gaussian blur (--skip_blur): sigma_axial / sigma_lateral in pixels
-    of the (binned) B-scans the generator reads."""
+    of the (binned) B-scans the generator reads. centre_weight < 1 (--skip_centre_weight, a --neighbours
+    generator): the blur reads centre_weight x the B-scan + (1 - centre_weight) x its neighbours' mean, so G
+    starts as the blur of a weighted average of registered B-scans; a lone B-scan (neighbours = copies of
+    it) gets the plain blur."""
 
-    def __init__(self, net, sigma_axial, sigma_lateral):
+    def __init__(self, net, sigma_axial, sigma_lateral, centre_weight=1.0):
         super().__init__(net)
         taps_axial, taps_lateral = separable_taps(sigma_axial, sigma_lateral)
         self.register_buffer("taps_axial", taps_axial, persistent=False)
         self.register_buffer("taps_lateral", taps_lateral, persistent=False)
+        self.centre_weight = float(centre_weight)
+
+    def filter_input(self, x):
+        if self.centre_weight == 1 or x.shape[1] == 1:
+            return x[:, :1]
+        return self.centre_weight * x[:, :1] + (1 - self.centre_weight) * x[:, 1:].mean(1, keepdim=True)
 
     def filter(self, image):
         return separable_blur(image, self.taps_axial, self.taps_lateral)
@@ -219,8 +231,9 @@ class NLMSkip(FilterSkip):
         return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)
 
 
-def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0):
-    """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip; skip_nlm (h > 0): in NLMSkip."""
+def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0):
+    """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip (skip_centre_weight: its
+    centre_weight); skip_nlm (h > 0): in NLMSkip."""
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
     model = GENERATORS[backbone](in_channels=in_channels)
@@ -228,7 +241,7 @@ def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0)
     if any(skip_blur) and skip_nlm:
         raise ValueError("a generator starts from one filter: skip_blur or skip_nlm, not both")
     if any(skip_blur):
-        model = BlurSkip(model, *skip_blur)
+        model = BlurSkip(model, *skip_blur, centre_weight=skip_centre_weight)
     if skip_nlm:
         model = NLMSkip(model, skip_nlm)
     if in_channels > 1:
@@ -573,7 +586,8 @@ def build_denoiser(method, backbone, args=None):
     args = args or {}
     if method == "tcfl":
         return build_generator(backbone, in_channels=1 + args.get("neighbours", 0),
-                               skip_blur=args.get("skip_blur") or (0.0, 0.0), skip_nlm=args.get("skip_nlm", 0.0))
+                               skip_blur=args.get("skip_blur") or (0.0, 0.0), skip_nlm=args.get("skip_nlm", 0.0),
+                               skip_centre_weight=args.get("skip_centre_weight", 1.0))
     if method == "n2n":
         return build_generator(backbone)
     if method == "r2r":

@@ -25,6 +25,11 @@ def parse_args(argv=None):
     for name in ("d_blur", "real_blur"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name} needs a sigma >= 0, got {getattr(args, name)}")
+    if not 0 <= args.skip_centre_weight <= 1:
+        raise DataError(f"--skip_centre_weight needs a weight in [0, 1], got {args.skip_centre_weight}")
+    if args.skip_centre_weight < 1 and not (args.neighbours and any(args.skip_blur)):
+        raise DataError("--skip_centre_weight blends the neighbours into the blur start: it needs --neighbours K "
+                        "and --skip_blur")
     if args.skip_nlm < 0:
         raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
     if args.skip_nlm and any(args.skip_blur):
@@ -83,6 +88,9 @@ def get_parser():
     g.add_argument("--skip_blur", type=float, nargs=2, default=[0.0, 0.0], metavar=("AXIAL", "LATERAL"),
                    help="tcfl: G starts as a Gaussian blur of these sigmas (pixels of the --lateral_bin-binned B-scans) "
                         "and learns a correction to it (models.BlurSkip); 0 0: off")
+    g.add_argument("--skip_centre_weight", type=float, default=1.0, metavar="W",
+                   help="tcfl with --neighbours and --skip_blur: the blur start reads W x the B-scan + (1 - W) x the "
+                        "mean of its neighbours; 1: the B-scan alone")
     g.add_argument("--skip_nlm", type=float, default=0.0, metavar="H",
                    help="tcfl: G starts as NLM.py's non-local means of strength H (8-bit grey levels, on the "
                         "--lateral_bin-binned B-scans) and learns a correction to it (models.NLMSkip); 0: off")

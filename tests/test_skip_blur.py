@@ -39,6 +39,29 @@ def test_the_blur_reads_the_b_scan_only_and_a_zero_sigma_leaves_an_axis_alone():
     np.testing.assert_allclose(denoised[0, 0].numpy(), blurred(x[0, 0].numpy(), (0.0, 2.0)), atol=1e-5)
 
 
+@pytest.mark.parametrize("weight", [0.6, 0.0])
+def test_a_centre_weight_blurs_the_blend_of_the_b_scan_and_its_neighbours_mean(weight):
+    torch.manual_seed(0)
+    net = models.build_generator("dncnn", in_channels=3, skip_blur=(1.0, 3.0), skip_centre_weight=weight).eval()
+    x = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        denoised = (x[:, :1] - net(x)).numpy()
+        lone = (x[:, :1] - net(x[:, :1].repeat(1, 3, 1, 1))).numpy()  # a lone B-scan: neighbours = copies
+    for stack, out, alone in zip(x.numpy(), denoised[:, 0], lone[:, 0]):
+        blend = weight * stack[0] + (1 - weight) * (stack[1] + stack[2]) / 2
+        np.testing.assert_allclose(out, blurred(blend, (1.0, 3.0)), atol=1e-5)
+        np.testing.assert_allclose(alone, blurred(stack[0], (1.0, 3.0)), atol=1e-5)
+
+
+def test_a_checkpoint_and_the_trainer_build_the_centre_weight(trainer_args):
+    trainer = trainers.TCFLTrainer(trainer_args(neighbours=2, skip_blur=[1.0, 2.0], skip_centre_weight=0.6))
+    assert isinstance(trainer.G_train, models.BlurSkip) and trainer.G_train.centre_weight == 0.6
+    args = {"neighbours": 2, "skip_blur": [1.0, 2.0], "skip_centre_weight": 0.6}
+    net = models.build_denoiser("tcfl", "dncnn", args)
+    assert isinstance(net, models.BlurSkip) and net.centre_weight == 0.6
+    assert models.build_denoiser("tcfl", "dncnn", {"neighbours": 2, "skip_blur": [1.0, 2.0]}).centre_weight == 1.0
+
+
 def test_the_correction_trains_and_the_checkpoint_rebuilds_the_blur(tmp_path):
     ckpt = tmp_path / "ckpt"
     train.main(["--patch_size", "32", "--batch_size", "2", "--epoch_size", "4", "--niter", "1", "--n_val", "1",
@@ -71,6 +94,12 @@ def test_skip_blur_options_are_checked():
         train.parse_args(["--skip_blur", "1", "2", "--skip_nlm", "20"])
     with pytest.raises(DataError, match="does not read --skip_nlm"):
         train.parse_args(["--method", "n2n", "--skip_nlm", "20"])
+    with pytest.raises(DataError, match=r"--skip_centre_weight needs a weight in \[0, 1\], got 1.5"):
+        train.parse_args(["--skip_centre_weight", "1.5", "--neighbours", "2", "--skip_blur", "1", "2"])
+    for missing in (["--neighbours", "2"], ["--skip_blur", "1", "2"]):
+        with pytest.raises(DataError, match="--skip_centre_weight blends the neighbours into the blur start: it needs"):
+            train.parse_args(["--skip_centre_weight", "0.6", *missing])
+    assert train.parse_args(["--skip_centre_weight", "0.6", "--neighbours", "2", "--skip_blur", "1", "2"]).skip_centre_weight == 0.6
 
 
 def nlm_of(image, h):
