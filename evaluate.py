@@ -48,22 +48,24 @@ def evaluate_checkpoint(args):
     path = models.checkpoint_path(args.ckpt, args.epoch, args.ckpt_dir)
     denoiser, state = models.load_for_options(args, path)
     samples = scoring.load_scoring_pairs(args, state.get("args"))
-    method = args.method or f"{state.get('method', 'tcfl')}-{state['backbone']}{f'-ens_{args.ensemble}' if args.ensemble else ''}"
+    suffix = (f"-ens_{args.ensemble}" if args.ensemble else "") + ("-lone" if args.lone_bscan else "")
+    method = args.method or f"{state.get('method', 'tcfl')}-{state['backbone']}{suffix}"
     out_dir = Path(args.out_dir or f"img/{method}_{args.dataset}_{args.split}")
     outputs, seconds = [], []
     for sample in tqdm(samples, desc=f"denoise ({path.name})"):
         start = time.perf_counter()
-        outputs.append(denoiser(sample.volume()))  # a --neighbours net reads the B-scan's neighbours too
+        # a --neighbours net reads the B-scan's neighbours too
+        outputs.append(denoiser(sample.noisy if args.lone_bscan else sample.volume()))
         seconds.append(time.perf_counter() - start)
     for sample, output in zip(samples, outputs):
         datasets.write_image(out_dir / f"{sample.id}.tif", output, sample.bit_depth)
     save_comparison(out_dir / "comparison.png", samples[0], outputs[0], method)
     print(f"denoised images and comparison figure: {out_dir}/")
-    lone = sum(not s.neighbours for s in samples) if denoiser.neighbours else 0
+    lone = sum(not s.neighbours for s in samples) if denoiser.neighbours and not args.lone_bscan else 0
     if lone:
         print(f"note: {lone} of {len(samples)} images have no registered neighbouring B-scans; "
               "the network reads copies of the B-scan for them (its single-B-scan fallback)")
-    bscans = 1 + min(denoiser.neighbours, min(len(s.neighbours) for s in samples))
+    bscans = 1 if args.lone_bscan else 1 + min(denoiser.neighbours, min(len(s.neighbours) for s in samples))
     return scoring.score(samples, outputs, method, args.dataset, args.split, float(np.mean(seconds)),
                          out_dir / "scores.csv", args.json, bscans=bscans)
 
@@ -74,6 +76,9 @@ def main(argv=None):
     parser.add_argument("--outputs", default=None, help="score a folder of already-denoised <id>.tif|png")
     parser.add_argument("--method", default=None, help="name of the scored method (default: folder / checkpoint)")
     models.add_checkpoint_args(parser)
+    parser.add_argument("--lone_bscan", action="store_true",
+                        help="a --neighbours checkpoint reads each B-scan without its neighbours (copies of itself), "
+                             "as denoise.py reads a single 2-D image: its single-B-scan fallback")
     parser.add_argument("--export", default=None, metavar="PATH",
                         help="write the checkpoint's inference weights to PATH (generator only) and exit")
     args = parser.parse_args(argv)

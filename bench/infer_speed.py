@@ -62,14 +62,23 @@ def versus_nlm(ckpt, device, repeats):
     rows = {}
     for name, denoise in (("shipped checkpoint", folded), ("shipped checkpoint, BatchNorm unfolded", unfolded),
                           ("NLM.py", baselines.NLM.denoise)):
-        outputs = [denoise(s.noisy) for s in samples]  # also the warm-up
-        seconds = timeit(lambda: [denoise(s.noisy) for s in samples], repeats, warmup=0, device=device.type) / len(samples)
+        inputs = [network_input(denoise, s) for s in samples]
+        outputs = [denoise(x) for x in inputs]  # also the warm-up
+        seconds = timeit(lambda: [denoise(x) for x in inputs], repeats, warmup=0, device=device.type) / len(samples)
         scores = [psnr(s.clean, out) for s, out in zip(samples, outputs)]
         rows[name] = {"seconds_per_bscan": seconds, "psnr": float(np.mean(scores))}
         print(f"{name:<40} {seconds:.3f} s per test B-scan, PSNR {rows[name]['psnr']:.3f} dB ({len(samples)} duke28 test B-scans)")
     ratio = rows["shipped checkpoint"]["seconds_per_bscan"] / rows["NLM.py"]["seconds_per_bscan"]
     print(f"shipped checkpoint / NLM.py time per B-scan: {ratio:.2f}x (target <= 1)")
     return {"rows": rows, "ratio_to_nlm": ratio, "n_bscans": len(samples), "threads": torch.get_num_threads()}
+
+
+def network_input(denoise, sample, region=(slice(None), slice(None))):
+    """What evaluate.py feeds: a --neighbours checkpoint the B-scan with its neighbours (Sample.volume()),
+    anything else the B-scan alone."""
+    if getattr(denoise, "neighbours", 0):
+        return sample.volume()[(slice(None), *region)]
+    return sample.noisy[region]
 
 
 def main(argv=None):
@@ -95,9 +104,12 @@ def main(argv=None):
     shipped = None
     if Path(args.ckpt).is_file():
         denoiser, _ = models.load_checkpoint(args.ckpt, device)
-        bscan = np.random.default_rng(0).random((args.height, args.width), dtype=np.float32)
+        # a --neighbours checkpoint reads the B-scan between its neighbours: a volume of 1 + neighbours B-scans
+        shape = (1 + denoiser.neighbours, args.height, args.width) if denoiser.neighbours else (args.height, args.width)
+        bscan = np.random.default_rng(0).random(shape, dtype=np.float32)
         seconds = timeit(lambda: denoiser(bscan), repeats, device=device.type)
-        shipped = {"checkpoint": Path(args.ckpt).name, "lateral_bin": denoiser.lateral_bin, "seconds_per_bscan": seconds}
+        shipped = {"checkpoint": Path(args.ckpt).name, "lateral_bin": denoiser.lateral_bin,
+                   "bscans_read": 1 + denoiser.neighbours, "seconds_per_bscan": seconds}
         print(f"shipped checkpoint end to end (models.Denoiser, lateral_bin {denoiser.lateral_bin}, "
               f"channels_last on CPU): {seconds:.3f} s per {args.height} x {args.width} B-scan")
 
@@ -124,7 +136,7 @@ def main(argv=None):
             variant = denoiser.replace(tile=4096, bf16=switches.get("bf16", False), noise_sigma=None)
             scores = []
             for sample in samples:
-                out = variant(sample.noisy[region])
+                out = variant(network_input(variant, sample, region))
                 scores.append(psnr(sample.clean[region], out))
             precision[name] = float(np.mean(scores))
         base = precision["fp32"]

@@ -109,9 +109,9 @@ def choose(spec, table, quick):
     return list(dict.fromkeys(keys))
 
 
-def run(levels, keys, table, dataset):
+def run(levels, keys, table, dataset, split="test"):
     """{row label: {level name: scoring.score summary}}, the noisy input's row scored once per level."""
-    inputs = {level.name: scoring.score(level.samples, [s.noisy for s in level.samples], NOISY, dataset, "test")
+    inputs = {level.name: scoring.score(level.samples, [s.noisy for s in level.samples], NOISY, dataset, split)
               for level in levels}
     results = {}
     with tqdm(total=len(keys) * len(levels), desc="robustness") as bar:
@@ -125,7 +125,7 @@ def run(levels, keys, table, dataset):
                     summary = inputs[level.name]
                 else:
                     outputs, seconds = timed(denoise, level.samples, volume=bscans > 1)  # BM4D: Sample.volume()
-                    summary = scoring.score(level.samples, outputs, label, dataset, "test", seconds, bscans=bscans)
+                    summary = scoring.score(level.samples, outputs, label, dataset, split, seconds, bscans=bscans)
                 results.setdefault(label, {})[level.name] = summary
                 bar.update()
     described = [{"name": level.name, "training": level.training,
@@ -200,7 +200,7 @@ def main(argv=None):
     info = machine()
     args.dataset, samples = test_samples(args.dataset, args.size, args.quick, args.split)
 
-    levels, results = run(make_levels(args.dataset, samples), keys, table, args.dataset)
+    levels, results = run(make_levels(args.dataset, samples), keys, table, args.dataset, args.split)
     tables = {"PSNR": markdown(levels, results, "PSNR", 2), "SSIM": markdown(levels, results, "SSIM", 3)}
     for metric, text in tables.items():
         print(f"\n{args.dataset} {args.split} split, {len(samples)} images: {metric}, mean ± std per noise level\n{text}")

@@ -123,3 +123,11 @@ def make_trainer_args(*argv, **overrides):
 def trainer_args():
     """make_trainer_args(*argv, **overrides) -> train.py's parsed options."""
     return make_trainer_args
+
+
+@pytest.fixture(autouse=True)
+def fp32_where_auto(monkeypatch):
+    """--precision auto resolves to fp32 in the suite, on every CPU: the tests compare outputs against
+    fp32 references, and on a CPU with native bf16 (AVX512-BF16 / AMX) auto would pick bf16."""
+    import utils
+    monkeypatch.setattr(utils, "bf16_is_native", lambda device: False)

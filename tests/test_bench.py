@@ -7,6 +7,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
+import blur_start  # noqa: E402
 import ceiling  # noqa: E402
 import grain  # noqa: E402
 import infer_speed  # noqa: E402
@@ -109,3 +110,32 @@ def test_ceiling_finds_each_b_scans_best_gaussian_and_averages_the_classical_out
     assert fold["n_images"] == 10
     assert fold["bm3d"] == pytest.approx(np.mean([scores["bm3d"] for scores in payload["classical_per_scan"].values()]))
     assert payload["classical_mix"]["blur"] == pytest.approx(np.mean([payload["classical_per_scan"][i]["blur"] for i in "12"]))
+
+
+def test_blur_start_scores_what_an_untrained_generator_starts_from():
+    """W = 1 reads the B-scan alone (neighbours do not matter); W < 1 blends in the neighbours, whose
+    independent speckle the synthetic phantoms carry, so that start is ahead on every phantom."""
+    payload = blur_start.main(["--dataset", "synthetic", "--size", "64", "--starts", "1.25,4,1", "1.0,3,0.6",
+                               "--no_save"])
+    plain, blend = payload["starts"]["1.25,4,1"], payload["starts"]["1.0,3,0.6"]
+    assert payload["split"] == "test" and len(plain["per_image"]) == 8
+    assert plain["vs_first"]["mean"] == 0 and blend["ahead_of_first"] == 8 and blend["vs_first"]["low"] > 0.5
+    samples = blur_start.datasets.load_pairs("synthetic", split="test", synthetic_size=64)
+    alone = blur_start.start_denoiser(1.25, 4, 1)
+    first = blur_start.psnr(samples[0].clean, np.clip(alone(samples[0].noisy), 0, 1))  # copies as neighbours
+    assert plain["per_image"][0] == pytest.approx(first, abs=1e-6)
+    with pytest.raises(SystemExit, match="W must be in"):
+        blur_start.main(["--dataset", "synthetic", "--size", "64", "--starts", "1,3,1.5", "--no_save"])
+
+
+def test_infer_speed_feeds_a_neighbours_checkpoint_its_volume():
+    import datasets
+    import models
+    sample = datasets.load_pairs("synthetic", split="test", synthetic_size=32)[0]
+    stacked = models.Denoiser(models.build_generator("dncnn", in_channels=5), neighbours=4)
+    single = models.Denoiser(models.build_generator("dncnn"))
+    region = (slice(0, 16), slice(8, 24))
+    assert infer_speed.network_input(stacked, sample, region).shape == (5, 16, 16)
+    np.testing.assert_array_equal(infer_speed.network_input(stacked, sample)[2], sample.noisy)  # the B-scan in the middle
+    np.testing.assert_array_equal(infer_speed.network_input(single, sample, region), sample.noisy[region])
+    assert infer_speed.network_input(lambda image: image, sample).shape == sample.noisy.shape  # NLM.py: the B-scan

@@ -107,8 +107,9 @@ def test_shipped_checkpoint_matches_evaluate_on_a_real_scan(tmp_path):
     if not DUKE.is_dir() or not shipped.is_file():
         pytest.skip(f"needs {DUKE} (the project's shared real data) and {shipped}")
     assert denoise.main([str(DUKE / "11" / "test.tif"), "--out", str(tmp_path / "d")]) == 0
+    # one file alone: a --neighbours checkpoint reads it as copies of itself, as evaluate.py --lone_bscan does
     summary = evaluate.main(["--ckpt", str(shipped), "--dataset", "duke28", "--data_root", str(DUKE), "--split", "test",
-                             "--out_dir", str(tmp_path / "ev")])
+                             "--lone_bscan", "--out_dir", str(tmp_path / "ev")])
     import csv
     with open(tmp_path / "ev" / "scores.csv") as f:
         psnr_11 = next(float(r["PSNR"]) for r in csv.DictReader(f) if r["id"] == "11")

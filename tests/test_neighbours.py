@@ -141,12 +141,17 @@ def test_train_and_evaluate_with_neighbours(tmp_path, fake_duke28, capsys):
     denoiser = models.load_checkpoint(ckpt / "epoch_1.pth")[0]
     assert denoiser.neighbours == 4
     summary = evaluate.main(["--ckpt", str(ckpt / "epoch_1.pth"), "--dataset", "duke28", "--data_root", str(root),
-                             "--split", "test", "--out_dir", str(tmp_path / "ev")])
+                             "--split", "test", "--precision", "fp32", "--out_dir", str(tmp_path / "ev")])
     assert summary["bscans"] == 5 and summary["n_images"] == 2
     sample = datasets.load_pairs("duke28", root, "test")[0]
+    # the denoiser runs in fp32, as evaluate.py --precision fp32 (auto picks bf16 on CPUs with native bf16)
     with_neighbours, alone = (utils.psnr(sample.clean, denoiser(x)) for x in (sample.volume(), sample.noisy))
     assert summary["per_image"][0]["PSNR"] == pytest.approx(with_neighbours, abs=1e-6)
     assert abs(with_neighbours - alone) > 1e-3  # measured 4e-3: the check can tell the two inputs apart
+    fallback = evaluate.main(["--ckpt", str(ckpt / "epoch_1.pth"), "--dataset", "duke28", "--data_root", str(root),
+                              "--split", "test", "--precision", "fp32", "--lone_bscan", "--out_dir", str(tmp_path / "ev_lone")])
+    assert fallback["bscans"] == 1 and fallback["method"].endswith("-lone")
+    assert fallback["per_image"][0]["PSNR"] == pytest.approx(alone, abs=1e-6)  # the B-scan as copies of itself
     exported = tmp_path / "G.pth"
     evaluate.main(["--ckpt", str(ckpt / "epoch_1.pth"), "--export", str(exported)])
     assert models.load_checkpoint(exported)[0].neighbours == 4

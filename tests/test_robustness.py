@@ -105,3 +105,4 @@ def test_val_split_scores_the_validation_subjects_never_the_test_ones():
     _, validation = robustness.test_samples("duke28", split="val")
     assert payload["split"] == "val" and [s.id for s in validation] == ["9", "10"]
     assert payload["results"]["noisy input"]["k=0"]["n_images"] == 2
+    assert all(cell["split"] == "val" for cell in payload["results"]["noisy input"].values())  # each cell says so

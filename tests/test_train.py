@@ -341,14 +341,14 @@ def test_collapse_guard(make_trainer, generator, fires):
 
 def test_collapse_guard_silent_for_the_shipped_checkpoint_on_speckle():
     """The shipped generator on synthetic speckle crops is no collapse; a constant-noise G is."""
-    net = models.load_checkpoint(SHIPPED)[0].net
+    denoiser = models.load_checkpoint(SHIPPED)[0]
     crops = np.stack([synthetic.noisy_clean_pair(seed, 128, 128)[0][32:96, 32:96] for seed in range(4)])
     inputs = torch.from_numpy(crops)[:, None]
-    with torch.no_grad():
-        noise = net(inputs)
+    with torch.no_grad():  # a --neighbours net reads a lone B-scan as copies of itself
+        noise = denoiser.net(inputs.repeat(1, 1 + denoiser.neighbours, 1, 1))
         constant = ConstantNoise()(inputs)
     stats = trainers.collapse_stats(noise, inputs)
-    assert stats["noise_distance"] / stats["input_distance"] > 0.1  # measured 0.65: far above the 0.01 tolerance
+    assert stats["noise_distance"] / stats["input_distance"] > 0.1  # measured 0.74: far above the 0.01 tolerance
     assert trainers.collapse_warning(stats) is None
     assert trainers.collapse_warning(trainers.collapse_stats(constant, inputs)) is not None
 

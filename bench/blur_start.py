@@ -1,0 +1,93 @@
+"""Where a --skip_blur generator starts: an untrained generator (its correction starts at zero, so it
+denoises as its start filter alone) on the train subjects' B-scans, for each start the options allow.
+
+A start is (--skip_blur AXIAL LATERAL, --skip_centre_weight W): the Gaussian (sigmas in pixels of the
+4:1 B-scans) of W x the B-scan + (1 - W) x the mean of its 4 registered neighbours; W = 1 reads the
+B-scan alone, the single-B-scan recipe's start. Each start is scored as a trained checkpoint is (4:1,
+zero-mean noise map), on the subjects' test.tif B-scans against their averages, with the mean paired
+difference to the first start and to blur.py. It measures what training starts from; it chose the
+shipped recipe's start (docs/training.md) and never reads the test split.
+
+    python bench/blur_start.py                              # duke28 train subjects 1-10
+    python bench/blur_start.py --starts 1.25,4,1 1.0,3,0.6  # AXIAL,LATERAL,W each
+"""
+import argparse
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import SHARED_DATA, machine, save
+
+import baselines
+import datasets
+import models
+import scoring
+from utils import psnr, ssim
+
+STARTS = ("1.25,4,1", "1.0,3,1", "1.0,3,0.7", "1.0,3,0.6", "1.0,3,0.5", "1.0,3,0.4", "1.0,2,0.6", "1.0,4,0.6", "1.5,3,0.6",
+          "1.25,4,0.6")
+
+
+def start_denoiser(axial, lateral, weight, neighbours=4, lateral_bin=4):
+    """An untrained TCFL generator with this blur start, as a Denoiser reading 1 + neighbours B-scans."""
+    torch.manual_seed(0)
+    net = models.build_generator("dncnn", in_channels=1 + neighbours, skip_blur=(axial, lateral),
+                                 skip_centre_weight=weight).eval()
+    return models.Denoiser(net, lateral_bin=lateral_bin, zero_mean=True, neighbours=neighbours)
+
+
+def parse_start(text):
+    try:
+        axial, lateral, weight = (float(value) for value in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--starts: '{text}' is not AXIAL,LATERAL,W (e.g. 1.0,3,0.6)") from None
+    if not 0 <= weight <= 1:
+        raise SystemExit(f"--starts: '{text}': W must be in [0, 1]")
+    return axial, lateral, weight
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="duke28", choices=["duke28", "synthetic"])
+    parser.add_argument("--data_root", default=str(SHARED_DATA / "duke_bioptigen"))
+    parser.add_argument("--starts", nargs="+", default=list(STARTS), metavar="AXIAL,LATERAL,W")
+    parser.add_argument("--size", type=int, default=256, help="synthetic image size")
+    parser.add_argument("--no_save", action="store_true")
+    args = parser.parse_args(argv)
+    info = machine()
+    # duke28: the train subjects only; synthetic (a quick check, the tests): its phantoms, which carry neighbours
+    args.split = "train" if args.dataset == "duke28" else "test"
+    samples = datasets.load_pairs(args.dataset, args.data_root if args.dataset == "duke28" else None, args.split,
+                                  synthetic_size=args.size)
+    if not all(sample.neighbours for sample in samples):
+        raise SystemExit(f"{args.dataset} {args.split}: every B-scan needs registered neighbours")
+    blur = [psnr(s.clean, np.clip(baselines.blur_denoise(s.noisy), 0, 1)) for s in samples]
+    rows, ssims = {}, {}
+    with torch.no_grad():
+        for text in tqdm(args.starts, desc="starts"):
+            denoiser = start_denoiser(*parse_start(text))
+            outputs = [np.clip(denoiser(s.volume()), 0, 1) for s in samples]
+            rows[text] = [psnr(s.clean, out) for s, out in zip(samples, outputs)]
+            ssims[text] = [ssim(s.clean, out) for s, out in zip(samples, outputs)]
+    first = next(iter(rows.values()))
+    results = {}
+    print(f"\n{args.dataset} {args.split}, {len(samples)} B-scans; blur.py {np.mean(blur):.3f} dB")
+    print("start (axial,lateral,W) | PSNR | SSIM | vs first start [95 % CI] | ahead of it | vs blur.py [95 % CI]")
+    for text, values in rows.items():
+        vs_first, vs_blur = scoring.paired_difference(values, first), scoring.paired_difference(values, blur)
+        ahead = int(np.sum(np.array(values) > np.array(first)))
+        results[text] = {"psnr": float(np.mean(values)), "ssim": float(np.mean(ssims[text])), "per_image": values,
+                         "ssim_per_image": ssims[text], "vs_first": vs_first,
+                         "ahead_of_first": ahead, "vs_blur_py": vs_blur}
+        print(f"{text:>23} | {np.mean(values):.3f} | {np.mean(ssims[text]):.4f} | {vs_first['mean']:+.3f} [{vs_first['low']:+.3f}, {vs_first['high']:+.3f}]"
+              f" | {ahead} of {len(values)} | {vs_blur['mean']:+.3f} [{vs_blur['low']:+.3f}, {vs_blur['high']:+.3f}]")
+    payload = {"machine": info, "dataset": args.dataset, "split": args.split, "ids": [s.id for s in samples],
+               "blur_py": {"psnr": float(np.mean(blur)), "per_image": blur}, "starts": results}
+    if not args.no_save:
+        save(f"blur_start_{args.dataset}_{args.split}", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
