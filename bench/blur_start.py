@@ -80,8 +80,9 @@ def main(argv=None):
         results[text] = {"psnr": float(np.mean(values)), "ssim": float(np.mean(ssims[text])), "per_image": values,
                          "ssim_per_image": ssims[text], "vs_first": vs_first,
                          "ahead_of_first": ahead, "vs_blur_py": vs_blur}
-        print(f"{text:>23} | {np.mean(values):.3f} | {np.mean(ssims[text]):.4f} | {vs_first['mean']:+.3f} [{vs_first['low']:+.3f}, {vs_first['high']:+.3f}]"
-              f" | {ahead} of {len(values)} | {vs_blur['mean']:+.3f} [{vs_blur['low']:+.3f}, {vs_blur['high']:+.3f}]")
+        interval = lambda d: f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+        print(f"{text:>23} | {np.mean(values):.3f} | {np.mean(ssims[text]):.4f} | {interval(vs_first)}"
+              f" | {ahead} of {len(values)} | {interval(vs_blur)}")
     payload = {"machine": info, "dataset": args.dataset, "split": args.split, "ids": [s.id for s in samples],
                "blur_py": {"psnr": float(np.mean(blur)), "per_image": blur}, "starts": results}
     if not args.no_save:

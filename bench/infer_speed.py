@@ -22,6 +22,7 @@ from common import SHARED_DATA, ROOT, bf16_probe, machine, save, timeit
 import baselines
 import datasets
 import models
+import scoring
 from utils import bf16_is_native, psnr, resolve_device
 
 VARIANTS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
@@ -74,11 +75,9 @@ def versus_nlm(ckpt, device, repeats):
 
 
 def network_input(denoise, sample, region=(slice(None), slice(None))):
-    """What evaluate.py feeds: a --neighbours checkpoint the B-scan with its neighbours (Sample.volume()),
-    anything else the B-scan alone."""
-    if getattr(denoise, "neighbours", 0):
-        return sample.volume()[(slice(None), *region)]
-    return sample.noisy[region]
+    """What evaluate.py feeds, cropped to region: a --neighbours checkpoint the B-scan with its neighbours,
+    anything else the B-scan alone (scoring.denoiser_input)."""
+    return scoring.denoiser_input(sample, volume=bool(getattr(denoise, "neighbours", 0)))[(Ellipsis, *region)]
 
 
 def main(argv=None):
