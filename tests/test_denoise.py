@@ -153,6 +153,16 @@ def test_precision_option_turns_bf16_on_only_where_asked_or_native(ckpt, monkeyp
     assert bf16() and not bf16("--precision", "fp32")
 
 
+def test_bf16_denoising_writes_what_fp32_writes(tmp_path, ckpt):
+    # --precision bf16 (auto's choice on CPUs with AVX512-BF16 / AMX) runs the whole path, reading to writing,
+    # and its saved image differs from fp32's by bf16 rounding at most (test_precision_option_... checks the flag)
+    tifffile.imwrite(tmp_path / "in.tif", (speckle((40, 64)) * 65535).astype(np.uint16))
+    run([tmp_path / "in.tif"], tmp_path / "fp32", ckpt, "--precision", "fp32")
+    run([tmp_path / "in.tif"], tmp_path / "bf16", ckpt, "--precision", "bf16")
+    fp32, bf16 = (tifffile.imread(tmp_path / name / "in.tif").astype(np.float64) / 65535 for name in ("fp32", "bf16"))
+    assert np.isfinite(bf16).all() and np.abs(bf16 - fp32).max() < 0.02
+
+
 def test_noise_adapt_reports_noisier_bscans_and_turns_off(tmp_path, capsys):
     # A checkpoint recording a training noise level far below a speckle stack's: every page is adapted
     # and the closing report says so; --no-noise_adapt gives the plain network's output.

@@ -184,6 +184,21 @@ def test_channels_last_step_equals_the_default_layout_step(make_trainer):
     assert_same_gradients(fast, reference, 2e-2)
 
 
+def test_bf16_step_stays_near_the_fp32_step(make_trainer):
+    """--precision bf16 (auto's choice on CPUs with AVX512-BF16 / AMX): one training step runs under autocast
+    and its losses are the fp32 step's to bf16 rounding, its gradients point the same way."""
+    a, b, c = triplet(size=32)
+    reference, fast = make_trainer(precision="fp32"), make_trainer(precision="bf16")
+    assert fast.args.bf16 and not reference.args.bf16
+    want, stats = reference.step(a, b, c), fast.step(a, b, c)
+    assert stats["loss_g"] == pytest.approx(want["loss_g"], rel=2e-2) and stats["loss_d"] == pytest.approx(want["loss_d"], rel=2e-2)
+    assert stats["loss_g"] != want["loss_g"]  # bf16 was on
+    for optimizer in ("opt_g", "opt_d"):  # element-wise, bf16 moves near-cancelling gradients a lot: compare directions
+        got, expected = (torch.cat([state["exp_avg"].flatten() for state in getattr(trainer, optimizer).state.values()])
+                         for trainer in (fast, reference))
+        assert F.cosine_similarity(got, expected, dim=0) > 0.8
+
+
 def test_machine_options_resolve_per_device(trainer_args, monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(utils, "bf16_is_native", lambda device: False)
