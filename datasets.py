@@ -338,9 +338,30 @@ def split_holds_test_subjects(dataset, root, split):
 
 def neighbours_as_samples(samples):
     """samples followed by each sample's registered neighbour B-scans as pairs of their own, scored
-    against the same reference: 5x the images to validate on for duke28, from the same subjects."""
-    return samples + [Sample(f"{s.id}/{k}.tif", neighbour, s.clean, s.bit_depth, s.path)
-                      for s in samples for k, neighbour in enumerate(s.neighbours, 1)]
+    against the same reference: 5x the images to validate on for duke28, from the same subjects. Each
+    neighbour B-scan keeps the others as its neighbours (centred_neighbours), so a --neighbours network
+    reads it as it read the training subjects' B-scans."""
+    extra = []
+    for s in samples:
+        volume = list(s.volume())
+        positions = [i for i in range(len(volume)) if i != len(s.neighbours) // 2]  # where 1..4.tif sit
+        for k, (neighbour, i) in enumerate(zip(s.neighbours, positions), 1):
+            extra.append(Sample(f"{s.id}/{k}.tif", neighbour, s.clean, s.bit_depth, s.path,
+                                centred_neighbours(volume, i)))
+    return samples + extra
+
+
+def centred_neighbours(volume, i):
+    """The neighbours to give volume[i] so that Sample(volume[i], neighbours=them).volume(), read around its
+    middle (utils.context_stack), gives the network volume[i] with its nearest slices of the volume, nearest
+    first, as training stacks it (_duke28_noisy): the nearest ones sit next to it, the farther ones outside."""
+    others = sorted((j for j in range(len(volume)) if j != i), key=lambda j: (abs(j - i), j))
+    middle = len(others) // 2
+    slots = sorted((p for p in range(len(volume)) if p != middle), key=lambda p: (abs(p - middle), p))
+    arranged = [None] * len(volume)
+    for slot, j in zip(slots, others):
+        arranged[slot] = volume[j]
+    return arranged[:middle] + arranged[middle + 1:]
 
 
 def load_unpaired(dataset, root=None, split="train", n_val=2, synthetic_size=256, seed=0, val_neighbours=False,

@@ -48,9 +48,6 @@ def parse_args(argv=None):
         raise DataError("--bm3d_target denoises single B-scans: not with --neighbours")
     if args.neighbour_target and args.neighbours:
         raise DataError("--neighbour_target makes the neighbour B-scans targets, --neighbours makes them inputs: give one")
-    if args.neighbours and args.val_neighbours:
-        raise DataError("--val_neighbours validates on neighbour B-scans, which have no neighbours of their own to "
-                        "give a --neighbours network; validate on --n_val subjects instead")
     # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
     # short runs (docs/training.md: the WGAN sweep). Filled in here so that opt.json records the value used.
     default_lr = 5e-5 if args.gan == "wgan" else 2e-4
@@ -71,7 +68,8 @@ def get_parser():
                         "(another fold: does a lever's validation gain hold on other subjects?)")
     g.add_argument("--val_neighbours", action="store_true",
                    help="also validate on the held-back subjects' registered neighbour B-scans (duke28: 1..4.tif, "
-                        "scored against the subject's average): 5x the validation images for --epoch best")
+                        "scored against the subject's average): 5x the validation images for --epoch best; with --neighbours "
+                        "each reads the other 4 B-scans as its neighbours")
     g.add_argument("--neighbours", type=int, default=0, choices=range(0, 5), metavar="K",
                    help="tcfl, duke28: G reads each B-scan with its K nearest registered B-scans (2.5-D input, "
                         "0-4; 0: the B-scan alone); evaluate.py/denoise.py then read them too")

@@ -560,6 +560,23 @@ def test_val_neighbours_add_each_held_back_subjects_neighbours_scored_against_it
         np.testing.assert_array_equal(sample.clean, plain[0].clean)
 
 
+def test_each_validation_neighbour_b_scan_reads_the_stack_training_gives_that_b_scan(tmp_path, fake_duke28):
+    # A --neighbours network validated with --val_neighbours must see each neighbour B-scan with its nearest
+    # registered B-scans, nearest first, exactly as training stacks the B-scans of a training subject.
+    from pathlib import Path
+    from utils import context_stack
+    root = fake_duke28(tmp_path / "duke", ids=(1, 2, 3, 4), images="tagged", neighbours=(1, 2, 3, 4),
+                       splits={"train": ["1", "2", "3", "4"], "test": []})
+    _, _, val = datasets.load_unpaired("duke28", root, "train", n_val=1, val_neighbours=True)
+    training_stacks = datasets._duke28_noisy(Path(root) / "4", 4)  # 1, 2, test, 3, 4 each at the centre once
+    by_id = {s.id: s for s in val}
+    order = ["4/1.tif", "4/2.tif", "4", "4/3.tif", "4/4.tif"]
+    for name, expected in zip(order, training_stacks):
+        for k in (2, 4):
+            np.testing.assert_array_equal(context_stack(by_id[name].volume(), 2, k), expected[:1 + k])
+    assert all(len(s.volume()) == 5 for s in val)
+
+
 def test_split_val_with_val_neighbours_scores_the_neighbours_too(tmp_path, fake_duke28):
     from argparse import Namespace
     import scoring
