@@ -6,6 +6,7 @@ reads the B-scan and its k nearest registered B-scans and still returns the B-sc
 Pick one with --backbone; GENERATORS maps the name to the class.
 """
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import csv
 from pathlib import Path
 
@@ -173,9 +174,10 @@ class FilterSkip(nn.Module):
     The filter reads filter_input(x): the B-scan (channel 0) unless a subclass blends in its neighbours;
     subclasses define the filter."""
 
-    def __init__(self, net):
+    def __init__(self, net, centre_weight=1.0):
         super().__init__()
         self.net = net
+        self.centre_weight = float(centre_weight)
         last = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
         nn.init.zeros_(last.weight)
         if last.bias is not None:
@@ -185,7 +187,11 @@ class FilterSkip(nn.Module):
         raise NotImplementedError
 
     def filter_input(self, x):
-        return x[:, :1]
+        """centre_weight < 1 (--skip_centre_weight, a --neighbours generator): centre_weight x the B-scan +
+        (1 - centre_weight) x its neighbours' mean; a lone B-scan (neighbours = copies of it) reads itself."""
+        if self.centre_weight == 1 or x.shape[1] == 1:
+            return x[:, :1]
+        return self.centre_weight * x[:, :1] + (1 - self.centre_weight) * x[:, 1:].mean(1, keepdim=True)
 
     def forward(self, x):
         return x[:, :1] - self.filter(self.filter_input(x)) + self.net(x)
@@ -199,16 +205,10 @@ class BlurSkip(FilterSkip):
     it) gets the plain blur."""
 
     def __init__(self, net, sigma_axial, sigma_lateral, centre_weight=1.0):
-        super().__init__(net)
+        super().__init__(net, centre_weight)
         taps_axial, taps_lateral = separable_taps(sigma_axial, sigma_lateral)
         self.register_buffer("taps_axial", taps_axial, persistent=False)
         self.register_buffer("taps_lateral", taps_lateral, persistent=False)
-        self.centre_weight = float(centre_weight)
-
-    def filter_input(self, x):
-        if self.centre_weight == 1 or x.shape[1] == 1:
-            return x[:, :1]
-        return self.centre_weight * x[:, :1] + (1 - self.centre_weight) * x[:, 1:].mean(1, keepdim=True)
 
     def filter(self, image):
         return separable_blur(image, self.taps_axial, self.taps_lateral)
@@ -231,19 +231,50 @@ class NLMSkip(FilterSkip):
         return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)
 
 
-def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0):
+class BM3DSkip(FilterSkip):
+    """FilterSkip over BM3D (--skip_bm3d F): BM3D.py's hard-thresholding stage with the threshold F x the
+    wavelet noise estimate of each image of the batch (F = BM3D.py's sigma_factor); with centre_weight < 1
+    it reads the neighbour blend, as BlurSkip does. BM3D runs in NumPy on the CPU and has no gradient, so the
+    backward pass takes a Gaussian's (sigmas `surrogate`, the shipped blur start's) in its place: a
+    pseudo-noisy input's gradient still reaches the earlier estimates through a smoothing of it."""
+
+    def __init__(self, net, sigma_factor, centre_weight=1.0, surrogate=(1.0, 3.0)):
+        super().__init__(net, centre_weight)
+        self.sigma_factor = float(sigma_factor)
+        taps_axial, taps_lateral = separable_taps(*surrogate)
+        self.register_buffer("taps_axial", taps_axial, persistent=False)
+        self.register_buffer("taps_lateral", taps_lateral, persistent=False)
+
+    def bm3d(self, image):
+        arrays = image.detach().float().cpu().numpy()
+        # The bm3d library releases the GIL and spends ~0.3 s per call whatever the size: one thread per core.
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            out = np.stack(list(pool.map(lambda array: baselines.bm3d_hard_threshold(array[0], self.sigma_factor),
+                                         arrays))).astype(np.float32)
+        return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)
+
+    def filter(self, image):
+        if not torch.is_grad_enabled() or not image.requires_grad:
+            return self.bm3d(image)
+        blurred = separable_blur(image, self.taps_axial, self.taps_lateral)
+        return blurred + (self.bm3d(image) - blurred).detach()  # BM3D forward, the Gaussian's gradient
+
+
+def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0, skip_bm3d=0.0):
     """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip (skip_centre_weight: its
     centre_weight); skip_nlm (h > 0): in NLMSkip."""
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
     model = GENERATORS[backbone](in_channels=in_channels)
     model.apply(init_weights)
-    if any(skip_blur) and skip_nlm:
-        raise ValueError("a generator starts from one filter: skip_blur or skip_nlm, not both")
+    if sum(map(bool, (any(skip_blur), skip_nlm, skip_bm3d))) > 1:
+        raise ValueError("a generator starts from one filter: skip_blur, skip_nlm or skip_bm3d")
     if any(skip_blur):
         model = BlurSkip(model, *skip_blur, centre_weight=skip_centre_weight)
     if skip_nlm:
         model = NLMSkip(model, skip_nlm)
+    if skip_bm3d:
+        model = BM3DSkip(model, skip_bm3d, centre_weight=skip_centre_weight)
     if in_channels > 1:
         # The neighbours' input weights start at zero: G starts as the single-B-scan network and learns
         # to use the neighbours from there (random ones slowed the first 200 steps: docs/training.md).
@@ -587,7 +618,7 @@ def build_denoiser(method, backbone, args=None):
     if method == "tcfl":
         return build_generator(backbone, in_channels=1 + args.get("neighbours", 0),
                                skip_blur=args.get("skip_blur") or (0.0, 0.0), skip_nlm=args.get("skip_nlm", 0.0),
-                               skip_centre_weight=args.get("skip_centre_weight", 1.0))
+                               skip_centre_weight=args.get("skip_centre_weight", 1.0), skip_bm3d=args.get("skip_bm3d", 0.0))
     if method == "n2n":
         return build_generator(backbone)
     if method == "r2r":

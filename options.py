@@ -27,13 +27,15 @@ def parse_args(argv=None):
             raise DataError(f"--{name} needs a sigma >= 0, got {getattr(args, name)}")
     if not 0 <= args.skip_centre_weight <= 1:
         raise DataError(f"--skip_centre_weight needs a weight in [0, 1], got {args.skip_centre_weight}")
-    if args.skip_centre_weight < 1 and not (args.neighbours and any(args.skip_blur)):
-        raise DataError("--skip_centre_weight blends the neighbours into the blur start: it needs --neighbours K "
-                        "and --skip_blur")
+    if args.skip_centre_weight < 1 and not (args.neighbours and (any(args.skip_blur) or args.skip_bm3d)):
+        raise DataError("--skip_centre_weight blends the neighbours into the filter G starts from: it needs "
+                        "--neighbours K and --skip_blur or --skip_bm3d")
     if args.skip_nlm < 0:
         raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
-    if args.skip_nlm and any(args.skip_blur):
-        raise DataError("--skip_blur and --skip_nlm both name the filter G starts from: give one")
+    if args.skip_bm3d < 0:
+        raise DataError(f"--skip_bm3d needs a sigma factor >= 0, got {args.skip_bm3d}")
+    if sum(map(bool, (any(args.skip_blur), args.skip_nlm, args.skip_bm3d))) > 1:
+        raise DataError("--skip_blur, --skip_nlm and --skip_bm3d each name the filter G starts from: give one")
     if args.val_subjects and args.dataset != "duke28":
         raise DataError(f"--val_subjects names duke28 subjects; --dataset is {args.dataset}")
     if args.neighbour_target < 0:
@@ -92,6 +94,10 @@ def get_parser():
     g.add_argument("--skip_nlm", type=float, default=0.0, metavar="H",
                    help="tcfl: G starts as NLM.py's non-local means of strength H (8-bit grey levels, on the "
                         "--lateral_bin-binned B-scans) and learns a correction to it (models.NLMSkip); 0: off")
+    g.add_argument("--skip_bm3d", type=float, default=0.0, metavar="F",
+                   help="tcfl: G starts as BM3D.py's hard-thresholding BM3D, threshold F x the noise estimate (on the "
+                        "--lateral_bin-binned B-scans; with --skip_centre_weight of the neighbour blend) and learns a "
+                        "correction to it (models.BM3DSkip); 0: off")
     g = p.add_argument_group("optimisation")
     g.add_argument("--niter", type=int, default=5, help="epochs")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")

@@ -34,7 +34,7 @@ from utils import DataError, use_bf16
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                   "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm",
-                  "skip_centre_weight", "d_blur", "real_blur", "neighbour_target", "bm3d_target", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur", "neighbour_target", "bm3d_target", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -247,13 +247,14 @@ class TCFLTrainer(Trainer):
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                        "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours",
-                       "skip_blur", "skip_nlm", "skip_centre_weight", "d_blur", "real_blur", "neighbour_target",
-                       "bm3d_target"})
+                       "skip_blur", "skip_nlm", "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur",
+                       "neighbour_target", "bm3d_target"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
         generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours,
                                                         skip_blur=args.skip_blur, skip_nlm=args.skip_nlm,
-                                                        skip_centre_weight=args.skip_centre_weight)
+                                                        skip_centre_weight=args.skip_centre_weight,
+                                                        skip_bm3d=args.skip_bm3d)
         generator = generator.to(device)
         discriminator = (discriminator or models.build_discriminator()).to(device)
         if args.sync_bn and torch.distributed.is_initialized():

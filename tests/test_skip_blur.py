@@ -1,5 +1,6 @@
-"""train.py --skip_blur / --skip_nlm: a TCFL generator that starts as the blur floor (models.BlurSkip) or as
-NLM.py's non-local means (models.NLMSkip) and learns a correction to it."""
+"""train.py --skip_blur / --skip_nlm / --skip_bm3d: a TCFL generator that starts as the blur floor
+(models.BlurSkip), NLM.py's non-local means (models.NLMSkip) or BM3D.py's BM3D (models.BM3DSkip) and learns a
+correction to it."""
 import numpy as np
 import pytest
 import torch
@@ -90,14 +91,20 @@ def test_skip_blur_options_are_checked():
         train.parse_args(["--skip_blur", "-1", "2"])
     with pytest.raises(DataError, match="--skip_nlm needs h >= 0, got -1.0"):
         train.parse_args(["--skip_nlm", "-1"])
-    with pytest.raises(DataError, match="--skip_blur and --skip_nlm both name the filter G starts from"):
-        train.parse_args(["--skip_blur", "1", "2", "--skip_nlm", "20"])
+    for both in (["--skip_blur", "1", "2", "--skip_nlm", "20"], ["--skip_nlm", "20", "--skip_bm3d", "2.5"],
+                 ["--skip_blur", "1", "2", "--skip_bm3d", "2.5"]):
+        with pytest.raises(DataError, match="--skip_blur, --skip_nlm and --skip_bm3d each name the filter G starts from"):
+            train.parse_args(both)
+    with pytest.raises(DataError, match="--skip_bm3d needs a sigma factor >= 0, got -1.0"):
+        train.parse_args(["--skip_bm3d", "-1"])
+    with pytest.raises(DataError, match="does not read --skip_bm3d"):
+        train.parse_args(["--method", "r2r", "--skip_bm3d", "2.5"])
     with pytest.raises(DataError, match="does not read --skip_nlm"):
         train.parse_args(["--method", "n2n", "--skip_nlm", "20"])
     with pytest.raises(DataError, match=r"--skip_centre_weight needs a weight in \[0, 1\], got 1.5"):
         train.parse_args(["--skip_centre_weight", "1.5", "--neighbours", "2", "--skip_blur", "1", "2"])
-    for missing in (["--neighbours", "2"], ["--skip_blur", "1", "2"]):
-        with pytest.raises(DataError, match="--skip_centre_weight blends the neighbours into the blur start: it needs"):
+    for missing in (["--neighbours", "2"], ["--skip_blur", "1", "2"], ["--skip_bm3d", "2.5"]):
+        with pytest.raises(DataError, match="--skip_centre_weight blends the neighbours into the filter G starts from"):
             train.parse_args(["--skip_centre_weight", "0.6", *missing])
     assert train.parse_args(["--skip_centre_weight", "0.6", "--neighbours", "2", "--skip_blur", "1", "2"]).skip_centre_weight == 0.6
 
@@ -137,6 +144,63 @@ def test_the_nlm_correction_trains_and_the_checkpoint_rebuilds_the_filter(tmp_pa
     x = torch.rand(1, 1, 32, 48)
     with torch.no_grad():
         torch.testing.assert_close(denoiser.net(x.contiguous(memory_format=torch.channels_last)), fresh.eval()(x),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_a_new_bm3d_skip_generator_denoises_each_image_as_bm3d_of_the_neighbour_blend():
+    torch.manual_seed(0)
+    net = models.build_generator("dncnn", in_channels=3, skip_bm3d=2.5, skip_centre_weight=0.6).eval()
+    ramp = torch.linspace(0.2, 0.8, 40).expand(2, 3, 32, 40)
+    x = (ramp + 0.05 * torch.randn(2, 3, 32, 40)).clamp(0, 1)
+    with torch.no_grad():
+        denoised = (x[:, :1] - net(x)).numpy()
+        lone = (x[:, :1] - net(x[:, :1].repeat(1, 3, 1, 1))).numpy()  # a lone B-scan: neighbours = copies
+    for stack, out, alone in zip(x.numpy(), denoised[:, 0], lone[:, 0]):  # each image with its own noise estimate
+        blend = 0.6 * stack[0] + 0.4 * (stack[1] + stack[2]) / 2
+        np.testing.assert_allclose(out, baselines.bm3d_hard_threshold(blend, 2.5), atol=1e-5)
+        np.testing.assert_allclose(alone, baselines.bm3d_hard_threshold(stack[0], 2.5), atol=1e-5)
+    assert np.abs(denoised[0, 0] - x[0, 0].numpy()).mean() > 0.02  # it filtered
+    single = models.build_generator("dncnn", in_channels=3, skip_bm3d=1.0).eval()
+    with torch.no_grad():  # centre weight 1 (the default): the B-scan alone, here with a lower threshold
+        np.testing.assert_allclose((x[:1, :1] - single(x[:1]))[0, 0].numpy(),
+                                   baselines.bm3d_hard_threshold(x[0, 0].numpy(), 1.0), atol=1e-5)
+
+
+def test_the_bm3d_skip_passes_the_gradient_of_the_blur_start_it_stands_in_for():
+    torch.manual_seed(0)
+    bm3d_net = models.build_generator("dncnn", in_channels=3, skip_bm3d=2.5, skip_centre_weight=0.6)
+    torch.manual_seed(0)
+    blur_net = models.build_generator("dncnn", in_channels=3, skip_blur=(1.0, 3.0), skip_centre_weight=0.6)
+    weights = torch.rand(2, 1, 32, 40)
+    stack = (torch.linspace(0.2, 0.8, 40).expand(2, 3, 32, 40) + 0.05 * torch.randn(2, 3, 32, 40)).clamp(0, 1)
+    grads = []
+    for net in (bm3d_net, blur_net):
+        x = stack.clone().requires_grad_()
+        (net(x) * weights).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0][:, 1:].abs().sum() > 0  # the neighbours' share of the blend gets its gradient too
+
+
+def test_the_bm3d_correction_trains_and_the_checkpoint_rebuilds_the_filter(tmp_path, fake_duke28):
+    root = fake_duke28(tmp_path / "data", ids=range(1, 4), size=(48, 96), neighbours=(1, 2, 3, 4),
+                       splits={"train": [1, 2], "test": [3]})
+    ckpt = tmp_path / "ckpt"
+    train.main(["--dataset", "duke28", "--data_root", str(root), "--patch_size", "32", "--batch_size", "2",
+                "--epoch_size", "2", "--niter", "1", "--n_val", "1",
+                "--neighbours", "2", "--skip_bm3d", "2.5", "--skip_centre_weight", "0.6",
+                "--ckpt_dir", str(ckpt), "--img_dir", str(tmp_path / "img")])
+    state = torch.load(ckpt / "epoch_1.pth", weights_only=True)
+    assert state["args"]["skip_bm3d"] == 2.5
+    assert state["generator"]["net.body.9.weight"].abs().max() > 0  # the zero-initialised last layer has learned
+    denoiser = models.load_checkpoint(ckpt / "epoch_1.pth")[0]
+    net = denoiser.net
+    assert isinstance(net, models.BM3DSkip) and net.sigma_factor == 2.5 and net.centre_weight == 0.6
+    fresh = models.build_generator("dncnn", in_channels=3, skip_bm3d=2.5, skip_centre_weight=0.6)
+    fresh.load_state_dict(state["generator_ema"])
+    x = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last)), fresh.eval()(x),
                                    atol=1e-5, rtol=1e-4)
 
 
