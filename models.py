@@ -171,8 +171,8 @@ class FilterSkip(nn.Module):
     is x - filter(x), the filter's residual, plus the backbone's correction, whose last convolution starts
     at zero. Trained from scratch for a few hundred CPU steps, TCFL's DnCNN stayed below a tuned Gaussian
     blur on the Duke scans (docs/training.md); from here it only has to learn what the filter misses.
-    The filter reads filter_input(x): the B-scan (channel 0) unless a subclass blends in its neighbours;
-    subclasses define the filter."""
+    The filter reads filter_input(x): the B-scan (channel 0), or with centre_weight < 1 (--skip_centre_weight)
+    its blend with its neighbours' mean; subclasses define the filter."""
 
     def __init__(self, net, centre_weight=1.0):
         super().__init__()
@@ -261,8 +261,8 @@ class BM3DSkip(FilterSkip):
 
 
 def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0, skip_bm3d=0.0):
-    """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip (skip_centre_weight: its
-    centre_weight); skip_nlm (h > 0): in NLMSkip."""
+    """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip; skip_nlm (h > 0): in NLMSkip;
+    skip_bm3d (sigma factor > 0): in BM3DSkip. skip_centre_weight: BlurSkip's or BM3DSkip's centre_weight."""
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
     model = GENERATORS[backbone](in_channels=in_channels)
