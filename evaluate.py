@@ -88,7 +88,7 @@ def main(argv=None):
         if Path(args.export).exists():
             raise DataError(f"{args.export} exists; remove it first (nothing is overwritten)")
         return models.export_checkpoint(models.checkpoint_path(args.ckpt, args.epoch, args.ckpt_dir), args.export,
-                                        lateral_bin=args.lateral_bin)
+                                        lateral_bin=args.lateral_bin, lone_blur=args.lone_blur)
     if args.outputs:
         samples = scoring.load_scoring_pairs(args)
         method = args.method or Path(args.outputs).name

@@ -7,6 +7,7 @@ Pick one with --backbone; GENERATORS maps the name to the class.
 """
 import argparse
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 import csv
 from pathlib import Path
 
@@ -213,6 +214,16 @@ class BlurSkip(FilterSkip):
     def filter(self, image):
         return separable_blur(image, self.taps_axial, self.taps_lateral)
 
+    @contextlib.contextmanager
+    def blurring(self, sigma_axial, sigma_lateral):
+        """Inside the block the start is a Gaussian of these sigmas (Denoiser's lone_blur); the correction is unchanged."""
+        saved = self.taps_axial, self.taps_lateral
+        self.taps_axial, self.taps_lateral = (taps.to(saved[0]) for taps in separable_taps(sigma_axial, sigma_lateral))
+        try:
+            yield
+        finally:
+            self.taps_axial, self.taps_lateral = saved
+
 
 class NLMSkip(FilterSkip):
     """FilterSkip over non-local means (--skip_nlm H): NLM.py's filter (OpenCV's fastNlMeansDenoising,
@@ -341,6 +352,9 @@ class Denoiser:
         the B-scan binned the same way, and the output is resized back to the input's size.
     zero_mean: remove the noise map's spatial mean (see predict_noise).
     ensemble: None, or average the flipped passes of ENSEMBLES['lr' | 'all'].
+    lone_blur: (axial, lateral) sigmas, in pixels of the binned B-scan, of the start a BlurSkip generator with
+        neighbours takes for a lone B-scan (no neighbours: copies of itself) in place of its own blend's
+        Gaussian, which was chosen for the quieter blend of 5 B-scans (None: its own). Recorded in the checkpoint.
     tile, bf16: see predict_noise.
     noise_sigma: the training scans' noise level, estimated at full size (train.py records it; None: off).
         A B-scan noisier than that is fed to the net with its contrast compressed about its mean by
@@ -352,18 +366,25 @@ class Denoiser:
     """
 
     def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False, noise_sigma=None,
-                 neighbours=0):
+                 neighbours=0, lone_blur=None):
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble}")
+        if lone_blur is not None:
+            if not (isinstance(net, BlurSkip) and neighbours):
+                raise DataError("--lone_blur sets the blur start of a generator trained with --neighbours and --skip_blur; "
+                                "this checkpoint has none")
+            if len(lone_blur) != 2 or min(lone_blur) < 0 or not any(lone_blur):
+                raise DataError(f"--lone_blur needs two sigmas >= 0, not both 0, got {' '.join(map(str, lone_blur))}")
+            lone_blur = tuple(float(sigma) for sigma in lone_blur)
         self.net, self.lateral_bin, self.zero_mean = net, check_lateral_bin(lateral_bin), zero_mean
         self.ensemble, self.tile, self.bf16, self.noise_sigma = ensemble, tile, bf16, noise_sigma
-        self.neighbours = neighbours
+        self.neighbours, self.lone_blur = neighbours, lone_blur
         self.last_gain = 1.0
 
     def replace(self, **changes):
         """A Denoiser of the same net with these settings changed and every other one kept."""
         settings = {name: getattr(self, name) for name in
-                    ("lateral_bin", "zero_mean", "ensemble", "tile", "bf16", "noise_sigma", "neighbours")}
+                    ("lateral_bin", "zero_mean", "ensemble", "tile", "bf16", "noise_sigma", "neighbours", "lone_blur")}
         return Denoiser(self.net, **{**settings, **changes})
 
     def gain(self, image):
@@ -404,10 +425,12 @@ class Denoiser:
         def at_scale(small):
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None].to(device)
             return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
+        lone = len(slices) == 1 and self.neighbours and self.lone_blur
         was_training = self.net.training
         self.net.eval()
         try:
-            return np.clip(at_lateral_scale(at_scale, stack, self.lateral_bin), 0, 1)
+            with self.net.blurring(*self.lone_blur) if lone else contextlib.nullcontext():
+                return np.clip(at_lateral_scale(at_scale, stack, self.lateral_bin), 0, 1)
         finally:
             self.net.train(was_training)
 
@@ -646,7 +669,7 @@ class Discriminators(nn.ModuleDict):
 # ---------------------------------------------------------------- checkpoints
 
 def inference_settings(state):
-    """{"lateral_bin", "zero_mean", "neighbours"[, "noise_sigma"]} a checkpoint denoises with: what train.py
+    """{"lateral_bin", "zero_mean", "neighbours"[, "noise_sigma", "lone_blur"]} a checkpoint denoises with: what train.py
     recorded, or for checkpoints written before it recorded them, what its options imply (only TCFL trains
     zero-mean or with neighbours)."""
     args = state.get("args") or {}
@@ -705,12 +728,15 @@ def load_checkpoint(path, device="cpu", fold_bn=True):
     return Denoiser(net, **inference_settings(state)), state
 
 
-def export_checkpoint(path, out, lateral_bin=None):
+def export_checkpoint(path, out, lateral_bin=None, lone_blur=None):
     """Write the inference weights of a training checkpoint as a small shippable file.
-    lateral_bin: the binning it denoises with from now on (chosen on validation), if not the training one."""
-    _, state = load_checkpoint(path)
+    lateral_bin: the binning it denoises with from now on (chosen on validation), if not the training one;
+    lone_blur: the start it takes for a lone B-scan (Denoiser), if not its own."""
+    denoiser, state = load_checkpoint(path)
     keep = {k: state[k] for k in ("method", "backbone", "args", "epoch", "step", "history") if k in state}
     inference = {**inference_settings(state), **({"lateral_bin": check_lateral_bin(lateral_bin)} if lateral_bin else {})}
+    if lone_blur is not None:
+        inference["lone_blur"] = list(denoiser.replace(lone_blur=lone_blur).lone_blur)
     torch.save({**keep, "inference": inference, "generator": state.get("generator_ema") or state["generator"],
                 "source": state.get("source", Path(path).name)}, out)
     print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB): {keep.get('method', 'tcfl')} / {keep['backbone']}, "
@@ -769,6 +795,9 @@ def add_checkpoint_args(parser):
     parser.add_argument("--tile", type=int, default=512, help="tile size for large images (bounded memory)")
     parser.add_argument("--lateral_bin", type=int, default=None,
                         help="denoise B-scans binned N:1 laterally (default: as the checkpoint was trained, train.py --lateral_bin)")
+    parser.add_argument("--lone_blur", type=float, nargs=2, default=None, metavar=("AXIAL", "LATERAL"),
+                        help="a --neighbours --skip_blur checkpoint starts a lone B-scan (no neighbours) from a Gaussian "
+                             "of these sigmas, binned pixels (default: as the checkpoint records)")
     parser.add_argument("--noise_adapt", action=argparse.BooleanOptionalAction, default=True,
                         help="compress the contrast of a B-scan noisier than the training scans to their noise level "
                              "before the net, and expand the noise estimate back (needs the noise level train.py records)")
@@ -780,5 +809,6 @@ def load_for_options(args, path):
     denoiser, state = load_checkpoint(path, device)
     settings = {"ensemble": args.ensemble, "tile": args.tile, "bf16": use_bf16(args.precision, device),
                 "lateral_bin": denoiser.lateral_bin if args.lateral_bin is None else args.lateral_bin,
-                "noise_sigma": denoiser.noise_sigma if args.noise_adapt else None}
+                "noise_sigma": denoiser.noise_sigma if args.noise_adapt else None,
+                "lone_blur": denoiser.lone_blur if args.lone_blur is None else args.lone_blur}
     return denoiser.replace(**settings), state

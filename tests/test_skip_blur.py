@@ -63,6 +63,45 @@ def test_a_checkpoint_and_the_trainer_build_the_centre_weight(trainer_args):
     assert models.build_denoiser("tcfl", "dncnn", {"neighbours": 2, "skip_blur": [1.0, 2.0]}).centre_weight == 1.0
 
 
+def test_a_lone_b_scan_starts_from_lone_blur_and_a_stack_from_the_blend():
+    torch.manual_seed(0)
+    net = models.build_generator("dncnn", in_channels=3, skip_blur=(1.0, 3.0), skip_centre_weight=0.6).eval()
+    volume = np.random.default_rng(0).random((3, 24, 40)).astype(np.float32)
+    denoiser = models.Denoiser(net, zero_mean=False, neighbours=2, lone_blur=(1.25, 4.0))
+    blend = 0.6 * volume[1] + 0.4 * (volume[0] + volume[2]) / 2
+    np.testing.assert_allclose(denoiser(volume, 1), np.clip(blurred(blend, (1.0, 3.0)), 0, 1), atol=1e-5)
+    np.testing.assert_allclose(denoiser(volume[1]), np.clip(blurred(volume[1], (1.25, 4.0)), 0, 1), atol=1e-5)
+    np.testing.assert_allclose(denoiser(volume[1:2]), denoiser(volume[1]))  # a stack of one page is lone too
+    np.testing.assert_allclose(denoiser(volume, 1), np.clip(blurred(blend, (1.0, 3.0)), 0, 1), atol=1e-5)  # restored
+    without = denoiser.replace(lone_blur=None)  # the checkpoint's own Gaussian for lone B-scans, as before
+    np.testing.assert_allclose(without(volume[1]), np.clip(blurred(volume[1], (1.0, 3.0)), 0, 1), atol=1e-5)
+
+
+def test_lone_blur_is_recorded_at_export_and_checked(tmp_path, fake_duke28):
+    root = fake_duke28(tmp_path / "data", ids=range(1, 4), size=(48, 96), neighbours=(1, 2, 3, 4),
+                       splits={"train": [1, 2], "test": [3]})
+    ckpt, data = tmp_path / "ckpt", ["--dataset", "duke28", "--data_root", str(root)]
+    train.main([*data, "--patch_size", "32", "--batch_size", "2", "--epoch_size", "2", "--niter", "1", "--n_val", "1",
+                "--neighbours", "2", "--skip_blur", "1", "3", "--skip_centre_weight", "0.6",
+                "--ckpt_dir", str(ckpt), "--img_dir", str(tmp_path / "img")])
+    assert models.load_checkpoint(ckpt / "epoch_1.pth")[0].lone_blur is None  # the start it trained with
+    evaluate.main(["--ckpt", str(ckpt / "epoch_1.pth"), "--export", str(tmp_path / "G.pth"), "--lone_blur", "1.25", "4"])
+    denoiser, state = models.load_checkpoint(tmp_path / "G.pth")
+    assert denoiser.lone_blur == (1.25, 4.0) and state["inference"]["lone_blur"] == [1.25, 4.0]
+    scores = {}
+    for name, extra in (("recorded", []), ("own", ["--lone_blur", "1", "3"])):
+        scores[name] = evaluate.main(["--ckpt", str(tmp_path / "G.pth"), *data, "--split", "test", "--lone_bscan",
+                                      "--precision", "fp32", "--out_dir", str(tmp_path / name), *extra])["mean"]["PSNR"]
+    assert scores["recorded"] != scores["own"]  # --lone_blur overrides what the checkpoint records
+    with pytest.raises(DataError, match="--lone_blur needs two sigmas >= 0, not both 0, got 0.0 0.0"):
+        evaluate.main(["--ckpt", str(tmp_path / "G.pth"), *data, "--split", "test", "--lone_blur", "0", "0"])
+    plain = tmp_path / "plain"
+    train.main(["--patch_size", "32", "--batch_size", "2", "--epoch_size", "2", "--niter", "1", "--n_val", "1",
+                "--skip_blur", "1", "3", "--ckpt_dir", str(plain), "--img_dir", str(tmp_path / "img2")])
+    with pytest.raises(DataError, match="--lone_blur sets the blur start of a generator trained with --neighbours"):
+        evaluate.main(["--ckpt", str(plain / "epoch_1.pth"), "--export", str(tmp_path / "P.pth"), "--lone_blur", "1", "2"])
+
+
 def test_the_correction_trains_and_the_checkpoint_rebuilds_the_blur(tmp_path):
     ckpt = tmp_path / "ckpt"
     train.main(["--patch_size", "32", "--batch_size", "2", "--epoch_size", "4", "--niter", "1", "--n_val", "1",
