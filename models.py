@@ -187,6 +187,12 @@ class FilterSkip(nn.Module):
     def filter(self, image):
         raise NotImplementedError
 
+    def register_taps(self, sigma_axial, sigma_lateral):
+        """The separable Gaussian's taps as buffers (they follow .to(device)), rebuilt from the sigmas, not saved."""
+        taps_axial, taps_lateral = separable_taps(sigma_axial, sigma_lateral)
+        self.register_buffer("taps_axial", taps_axial, persistent=False)
+        self.register_buffer("taps_lateral", taps_lateral, persistent=False)
+
     def filter_input(self, x):
         """centre_weight < 1 (--skip_centre_weight, a --neighbours generator): centre_weight x the B-scan +
         (1 - centre_weight) x its neighbours' mean; a lone B-scan (neighbours = copies of it) reads itself."""
@@ -207,9 +213,7 @@ class BlurSkip(FilterSkip):
 
     def __init__(self, net, sigma_axial, sigma_lateral, centre_weight=1.0):
         super().__init__(net, centre_weight)
-        taps_axial, taps_lateral = separable_taps(sigma_axial, sigma_lateral)
-        self.register_buffer("taps_axial", taps_axial, persistent=False)
-        self.register_buffer("taps_lateral", taps_lateral, persistent=False)
+        self.register_taps(sigma_axial, sigma_lateral)
 
     def filter(self, image):
         return separable_blur(image, self.taps_axial, self.taps_lateral)
@@ -252,9 +256,7 @@ class BM3DSkip(FilterSkip):
     def __init__(self, net, sigma_factor, centre_weight=1.0, surrogate=(1.0, 3.0)):
         super().__init__(net, centre_weight)
         self.sigma_factor = float(sigma_factor)
-        taps_axial, taps_lateral = separable_taps(*surrogate)
-        self.register_buffer("taps_axial", taps_axial, persistent=False)
-        self.register_buffer("taps_lateral", taps_lateral, persistent=False)
+        self.register_taps(*surrogate)
 
     def bm3d(self, image):
         arrays = image.detach().float().cpu().numpy()

@@ -60,6 +60,18 @@ def parse_args(argv=None):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_options(p)
+    add_model_options(p)
+    add_optimisation_options(p)
+    g = p.add_argument_group("other methods (--method; see trainers.py)")
+    g.add_argument("--r2r_alpha", type=float, default=0.5, help="r2r: recorruption strength alpha (input y + alpha z, target y - z / alpha)")
+    g.add_argument("--r2r_passes", type=int, default=8, help="r2r: recorrupted passes averaged at test time")
+    g.add_argument("--n2n_gamma", type=float, default=2.0, help="n2n: final weight of the consistency regulariser (ramped from 0)")
+    add_machine_and_output_options(p)
+    return p
+
+
+def add_data_options(p):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=["synthetic", "pku37", "duke28"])
     g.add_argument("--data_root", default=None)
@@ -81,6 +93,9 @@ def get_parser():
                         "grain is longer laterally); saved in the checkpoint, so evaluate.py/denoise.py bin the same way")
     g.add_argument("--epoch_size", type=int, default=100, help="triplets drawn per epoch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def add_model_options(p):
     g = p.add_argument_group("model")
     g.add_argument("--method", default="tcfl", choices=list(trainers.TRAINERS))
     g.add_argument("--backbone", default="dncnn", choices=list(models.GENERATORS))
@@ -98,6 +113,9 @@ def get_parser():
                    help="tcfl: G starts as BM3D.py's hard-thresholding BM3D, threshold F x the noise estimate (on the "
                         "--lateral_bin-binned B-scans; with --skip_centre_weight of the neighbour blend) and learns a "
                         "correction to it (models.BM3DSkip); 0: off")
+
+
+def add_optimisation_options(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--niter", type=int, default=5, help="epochs")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
@@ -135,12 +153,6 @@ def get_parser():
     g.add_argument("--pool_size", type=int, default=0, help="replay buffer of past fakes for D (0: off)")
     g.add_argument("--cosine", action="store_true", help="decay both learning rates to 0 over the run (half cosine)")
     g.add_argument("--ema", type=float, default=0.99, help="EMA decay of G's weights for inference (0: off)")
-    g = p.add_argument_group("other methods (--method; see trainers.py)")
-    g.add_argument("--r2r_alpha", type=float, default=0.5, help="r2r: recorruption strength alpha (input y + alpha z, target y - z / alpha)")
-    g.add_argument("--r2r_passes", type=int, default=8, help="r2r: recorrupted passes averaged at test time")
-    g.add_argument("--n2n_gamma", type=float, default=2.0, help="n2n: final weight of the consistency regulariser (ramped from 0)")
-    add_machine_and_output_options(p)
-    return p
 
 
 def add_machine_and_output_options(p):
