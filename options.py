@@ -30,6 +30,8 @@ def parse_args(argv=None):
     if args.skip_centre_weight < 1 and not (args.neighbours and (any(args.skip_blur) or args.skip_bm3d)):
         raise DataError("--skip_centre_weight blends the neighbours into the filter G starts from: it needs "
                         "--neighbours K and --skip_blur or --skip_bm3d")
+    if args.ssim_weight < 0:
+        raise DataError(f"--ssim_weight needs a weight >= 0, got {args.ssim_weight}")
     if args.skip_nlm < 0:
         raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
     if args.skip_bm3d < 0:
@@ -130,6 +132,9 @@ def add_optimisation_options(p):
     g.add_argument("--clip", type=float, default=0.01, help="WGAN critic weight clipping")
     g.add_argument("--n_critic", type=int, default=1, help="D updates per G update")
     g.add_argument("--sigma_tv", type=float, default=0.0, help="total-variation weight on the six estimates")
+    g.add_argument("--ssim_weight", type=float, default=0.0, metavar="W",
+                   help="tcfl: weight of 1 - SSIM over the identity loss's four pairs (SSIM as scored: 7x7 "
+                        "window), an edge- and contrast-keeping term beside its L1; 0: off")
     g.add_argument("--d_blur", type=float, default=0.0, metavar="SIGMA",
                    help="tcfl: D sees real and fake images through a Gaussian of this sigma (pixels of the binned "
                         "B-scans), so it judges structure, not the references' residual speckle texture; 0: off")

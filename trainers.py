@@ -34,7 +34,8 @@ from utils import DataError, use_bf16
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                   "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm",
-                  "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur", "neighbour_target", "bm3d_target", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur", "neighbour_target", "bm3d_target", "ssim_weight",
+                  "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -62,6 +63,20 @@ class ReplayBuffer:
 
 def total_variation(images):
     return (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+
+
+def ssim_loss(images, targets, window=7, data_range=1.0):
+    """1 - mean SSIM, differentiable, computed as utils.ssim scores (skimage's defaults: a 7x7 uniform
+    window, sample covariance, K1 = 0.01, K2 = 0.03), over the valid windows of each image."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    images, targets = images.float(), targets.float()
+    stats = F.avg_pool2d(torch.cat([images, targets, images * images, targets * targets, images * targets], 1),
+                         window, stride=1)
+    mu_x, mu_y, xx, yy, xy = stats.chunk(5, dim=1)
+    unbiased = window * window / (window * window - 1)
+    var_x, var_y, cov = unbiased * (xx - mu_x ** 2), unbiased * (yy - mu_y ** 2), unbiased * (xy - mu_x * mu_y)
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return 1 - ssim.mean()
 
 
 def freeze_batchnorm(model):
@@ -248,7 +263,7 @@ class TCFLTrainer(Trainer):
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                        "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours",
                        "skip_blur", "skip_nlm", "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur",
-                       "neighbour_target", "bm3d_target"})
+                       "neighbour_target", "bm3d_target", "ssim_weight"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
         generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours,
@@ -358,6 +373,10 @@ class TCFLTrainer(Trainer):
         loss = adversarial + args.lam * identity
         if args.sigma_tv:
             loss = loss + args.sigma_tv * total_variation(fakes)
+        if args.ssim_weight:  # the four identity pairs again, scored as the SSIM column scores
+            clean_a1, clean_b1, clean_a2, clean_b2, clean_c1, clean_c2 = fakes.chunk(6)
+            loss = loss + args.ssim_weight * ssim_loss(torch.cat([clean_a2, clean_b2, clean_c1, clean_c2]),
+                                                       torch.cat([clean_a1, clean_b1, clean_c, clean_c]))
         if args.sigma_rep:  # push N_A away from N_B: the trivial solution makes them equal
             loss = loss + args.sigma_rep * (torch.exp(-F.l1_loss(noise_a, noise_b)) - 1)
         if targets is not None:  # Noise2Noise (a neighbour's independent speckle averages out) or BM3D.py's output

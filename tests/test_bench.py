@@ -11,6 +11,7 @@ import blur_start  # noqa: E402
 import ceiling  # noqa: E402
 import grain  # noqa: E402
 import infer_speed  # noqa: E402
+import intensity  # noqa: E402
 import inference_bin  # noqa: E402
 import quality  # noqa: E402
 import train_speed  # noqa: E402
@@ -126,6 +127,32 @@ def test_blur_start_scores_what_an_untrained_generator_starts_from():
     assert plain["per_image"][0] == pytest.approx(first, abs=1e-6)
     with pytest.raises(SystemExit, match="W must be in"):
         blur_start.main(["--dataset", "synthetic", "--size", "64", "--starts", "1,3,1.5", "--no_save"])
+
+
+def test_intensity_calibration_finds_a_reference_flatter_than_the_output():
+    rng = np.random.default_rng(1)
+    output = rng.random((64, 96), dtype=np.float32)
+    reference = 0.5 * output + 0.1  # half the contrast, shifted: the oracle's map undoes both
+    oracle, contrast = intensity.calibrated(reference, output)
+    assert contrast == pytest.approx(0.5, abs=1e-4) and oracle > 60 > intensity.psnr(reference, output)
+
+
+def test_intensity_scores_a_checkpoint_and_its_start(tmp_path, fake_duke28):
+    import models
+    torch = pytest.importorskip("torch")
+    root = fake_duke28(tmp_path, ids=(1, 2, 3, 4), neighbours=(1, 2, 3, 4), splits={"train": [1, 2, 3], "test": [4]})
+    net = models.build_generator("dncnn", in_channels=5, skip_blur=(1.0, 3.0), skip_centre_weight=0.6)
+    torch.nn.init.normal_([m for m in net.net.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight, std=100.0)
+    trained = models.Denoiser(net, lateral_bin=4, zero_mean=True, neighbours=4)
+    sample = intensity.datasets.load_pairs("duke28", str(root), "train")[0]
+    start = intensity.start_of(trained)
+    untrained = blur_start.start_denoiser(1.0, 3, 0.6)
+    np.testing.assert_allclose(start(sample.volume()), untrained(sample.volume()), atol=1e-5)
+    assert np.abs(trained(sample.volume()) - start(sample.volume())).max() > 1e-3  # the correction was zeroed
+    payload = intensity.main(["--data_root", str(root), "--no_bm3d", "--no_save"])
+    assert [row["id"] for row in payload["per_image"]["blur.py"]] == ["1", "2", "3"]
+    blur = payload["summary"]["blur.py"]
+    assert blur["calibrated_psnr"] >= blur["psnr"]  # the identity map is one the oracle could pick
 
 
 def test_infer_speed_feeds_a_neighbours_checkpoint_its_volume():

@@ -218,13 +218,15 @@ SET = {"gan": ["--gan", "vanilla"], "lam": ["--lam", "3"], "d_fake_weight": ["--
        "neighbours": ["--neighbours", "2"], "skip_blur": ["--skip_blur", "1", "2"],
        "skip_centre_weight": ["--skip_centre_weight", "0.5"], "skip_nlm": ["--skip_nlm", "20"], "skip_bm3d": ["--skip_bm3d", "2.5"], "d_blur": ["--d_blur", "1"], "real_blur": ["--real_blur", "1"],
        "neighbour_target": ["--neighbour_target", "1", "--dataset", "duke28"], "bm3d_target": ["--bm3d_target", "1"],
+       "ssim_weight": ["--ssim_weight", "1"],
        "r2r_alpha": ["--r2r_alpha", "0.3"], "r2r_passes": ["--r2r_passes", "2"], "n2n_gamma": ["--n2n_gamma", "1"]}
 
 
 # What each method's step reads (trainers.py); every other method option is refused, not silently ignored.
 READS = {"tcfl": {"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean", "pool_size",
                   "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm",
-                  "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur", "neighbour_target", "bm3d_target"},
+                  "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur", "neighbour_target", "bm3d_target",
+                  "ssim_weight"},
          "r2r": {"r2r_alpha", "r2r_passes", "backbone"},
          "n2n": {"n2n_gamma", "backbone"},
          "cncl": {"gan", "lr_d", "backbone"},

@@ -312,6 +312,30 @@ def test_sigma_rep_adds_the_repulsion_term_to_the_generator_loss(make_trainer):
     assert losses[0.5] - losses[0.0] == pytest.approx(repulsion, rel=1e-4)
 
 
+def test_ssim_loss_is_one_minus_the_ssim_column():
+    rng = np.random.default_rng(0)
+    for shape in [(24, 30), (40, 17)]:
+        ref = rng.random(shape)
+        img = np.clip(ref + 0.15 * rng.standard_normal(shape), 0, 1)
+        got = 1 - trainers.ssim_loss(torch.tensor(img)[None, None], torch.tensor(ref)[None, None]).item()
+        assert got == pytest.approx(utils.ssim(ref, img), abs=1e-5)
+
+
+def test_ssim_weight_adds_one_minus_ssim_of_the_four_identity_pairs(make_trainer):
+    a, b, c = triplet()
+    losses = {}
+    for weight in (0.0, 2.0):
+        trainer = make_trainer(generator=BlurResidual(), discriminator=KnownCritic(), zero_mean=False, ssim_weight=weight)
+        with torch.no_grad():
+            fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
+            losses[weight] = trainer.generator_loss(torch.cat(fakes), c, noise_a, noise_b)[0].item()
+    c_a1, c_b1, c_a2, c_b2, c_c1, c_c2 = fakes
+    pairs = [(c_a2, c_a1), (c_b2, c_b1), (c_c1, c), (c_c2, c)]
+    want = np.mean([[utils.ssim(y[i, 0].numpy(), x[i, 0].numpy()) for i in range(len(x))] for x, y in pairs])
+    assert 0.05 < 1 - want < 0.95  # the pairs differ: a real term
+    assert losses[2.0] - losses[0.0] == pytest.approx(2.0 * (1 - want), rel=1e-4)
+
+
 def test_replay_buffer_keeps_the_first_fakes_then_swaps_about_half():
     torch.manual_seed(0)
     pool = trainers.ReplayBuffer(4)
