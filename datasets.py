@@ -420,7 +420,8 @@ def _load_unpaired(dataset, root, split, n_val, synthetic_size, seed, neighbours
                                      seed=seed + 10_000)
         noisy = [data.noisy_train(i) for i in range(data.n_train)]
         clean = [data.clean_train(i) for i in range(data.n_train)]
-        return noisy, clean, [Sample(f"val_{i}", *val.test_pair(i), 8, "") for i in range(n_val)]
+        # with further B-scans of each phantom, as the test phantoms carry, for --neighbours networks
+        return noisy, clean, [Sample(f"val_{i}", *val.test_pair(i), 8, "", val.test_neighbours(i)) for i in range(n_val)]
     if dataset == "duke17":
         raise DataError(f"--dataset {dataset} is not an unpaired training set (use synthetic, pku37 or duke28)")
     root = _check_root(root, dataset)

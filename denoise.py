@@ -108,7 +108,7 @@ def main(argv=None):
         raise DataError("two inputs share a file name, so their outputs would collide; denoise them separately")
     denoise = make_denoiser(args)
 
-    failed, bscans, gains, start = [], 0, [], time.perf_counter()
+    failed, bscans, gains, scales, start = [], 0, [], [], time.perf_counter()
     for path in tqdm(files, desc="files", disable=len(files) == 1):
         try:
             images, dtype, is_stack = read_slices(path)
@@ -118,6 +118,7 @@ def main(argv=None):
             for i, image in enumerate(tqdm(images, desc=path.name, unit="B-scan", disable=len(images) == 1)):
                 outputs.append(denoise(image) if volume is None else denoise(volume, centre=i))
                 gains.append(getattr(denoise, "last_gain", 1.0))  # models.Denoiser's --noise_adapt
+                scales.append(getattr(denoise, "last_start_scale", 1.0))
             write_slices(out_dir / path.name, outputs, dtype, is_stack)
             bscans += len(outputs)
         except DataError as error:
@@ -130,6 +131,10 @@ def main(argv=None):
     if adapted:
         print(f"noise adaptation: {len(adapted)} of {len(gains)} B-scan(s) noisier than the training scans, contrast "
               f"compressed x{min(adapted):.2f}-x{max(adapted):.2f} before the network (--no-noise_adapt: off)")
+    narrowed = [s for s in scales if s < 1]
+    if narrowed:
+        print(f"noise adaptation: {len(narrowed)} of {len(scales)} B-scan(s) from a scan quieter than the training scans, "
+              f"the blur start's width x{min(narrowed):.2f}-x{max(narrowed):.2f} (--no-noise_adapt: off)")
     if failed:
         print(f"failed ({len(failed)}): " + ", ".join(failed))
         return 1

@@ -213,6 +213,7 @@ class BlurSkip(FilterSkip):
 
     def __init__(self, net, sigma_axial, sigma_lateral, centre_weight=1.0):
         super().__init__(net, centre_weight)
+        self.sigmas = (float(sigma_axial), float(sigma_lateral))
         self.register_taps(sigma_axial, sigma_lateral)
 
     def filter(self, image):
@@ -336,6 +337,13 @@ def predict_noise(net, image, tile=512, margin=32, bf16=False, zero_mean=False):
 # Test-time ensembles, as (quarter turns, left-right flip) views. 'lr' keeps the B-scan upright, as
 # training does (datasets.TripletDataset flips left-right only: up-down would put the vitreous below
 # the retina); 'all' adds the rotations and up-down flips.
+# A scan quieter than the training scans starts from the blur start's sigmas x (its noise / theirs) ** this
+# (Denoiser). Chosen on the synthetic validation phantoms (bench/robustness.py --dataset synthetic --split val;
+# 0.26-0.71x the quietest training scan's noise estimate): of 0.4-1.0, 0.5 and 0.6 scored best over stacks and
+# lone B-scans together, 0.5 costing lone B-scans less; between the 1/3 a smooth image's optimal Gaussian width
+# follows and the 2/3 an edge's does (docs/training.md).
+QUIET_EXPONENT = 0.5
+
 ENSEMBLES = {"lr": [(0, False), (0, True)],
              "all": [(k, flip) for flip in (False, True) for k in range(4)]}
 
@@ -357,6 +365,12 @@ class Denoiser:
     lone_blur: (axial, lateral) sigmas, in pixels of the binned B-scan, of the start a BlurSkip generator with
         neighbours takes for a lone B-scan (no neighbours: copies of itself) in place of its own blend's
         Gaussian, which was chosen for the quieter blend of 5 B-scans (None: its own). Recorded in the checkpoint.
+    quiet_sigma: the quietest training scan's noise level (train.py records it; None: noise_sigma). With
+        noise_sigma set, a BlurSkip generator's start narrows for a scan quieter than that: the Gaussian's
+        sigmas x (level / quiet_sigma) ** QUIET_EXPONENT, level = the median noise estimate of the B-scans it
+        reads (the B-scan and its neighbours); `last_start_scale`: the latest factor. The median, not the
+        B-scan's own estimate: a B-scan quieter than its neighbours, as an average of registered B-scans is, is
+        not a quieter scanner, and a narrower start lost 0.1-0.2 dB on such validation B-scans (docs/training.md).
     tile, bf16: see predict_noise.
     noise_sigma: the training scans' noise level, estimated at full size (train.py records it; None: off).
         A B-scan noisier than that is fed to the net with its contrast compressed about its mean by
@@ -368,7 +382,7 @@ class Denoiser:
     """
 
     def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False, noise_sigma=None,
-                 neighbours=0, lone_blur=None):
+                 neighbours=0, lone_blur=None, quiet_sigma=None):
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble}")
         if lone_blur is not None:
@@ -380,13 +394,14 @@ class Denoiser:
             lone_blur = tuple(float(sigma) for sigma in lone_blur)
         self.net, self.lateral_bin, self.zero_mean = net, check_lateral_bin(lateral_bin), zero_mean
         self.ensemble, self.tile, self.bf16, self.noise_sigma = ensemble, tile, bf16, noise_sigma
-        self.neighbours, self.lone_blur = neighbours, lone_blur
-        self.last_gain = 1.0
+        self.neighbours, self.lone_blur, self.quiet_sigma = neighbours, lone_blur, quiet_sigma
+        self.last_gain = self.last_start_scale = 1.0
 
     def replace(self, **changes):
         """A Denoiser of the same net with these settings changed and every other one kept."""
         settings = {name: getattr(self, name) for name in
-                    ("lateral_bin", "zero_mean", "ensemble", "tile", "bf16", "noise_sigma", "neighbours", "lone_blur")}
+                    ("lateral_bin", "zero_mean", "ensemble", "tile", "bf16", "noise_sigma", "neighbours", "lone_blur",
+                     "quiet_sigma")}
         return Denoiser(self.net, **{**settings, **changes})
 
     def gain(self, image):
@@ -394,6 +409,13 @@ class Denoiser:
         if not self.noise_sigma:
             return 1.0
         return min(1.0, self.noise_sigma / max(noise_sigma(image), 1e-6))
+
+    def start_scale(self, stack):
+        """The factor on a BlurSkip start's sigmas for the B-scans `stack` (full size): below 1 for a quieter scan."""
+        if not (self.noise_sigma and isinstance(self.net, BlurSkip)):
+            return 1.0
+        level = float(np.median([noise_sigma(image) for image in stack]))
+        return min(1.0, level / (self.quiet_sigma or self.noise_sigma)) ** QUIET_EXPONENT
 
     def noise(self, x, gain=1.0):
         if gain >= 1.0:
@@ -428,10 +450,13 @@ class Denoiser:
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None].to(device)
             return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
         lone = len(slices) == 1 and self.neighbours and self.lone_blur
+        scale = self.last_start_scale = self.start_scale(stack)
+        sigmas = self.lone_blur if lone else getattr(self.net, "sigmas", None)
         was_training = self.net.training
         self.net.eval()
         try:
-            with self.net.blurring(*self.lone_blur) if lone else contextlib.nullcontext():
+            changed = lone or scale < 1
+            with self.net.blurring(*(scale * sigma for sigma in sigmas)) if changed else contextlib.nullcontext():
                 return np.clip(at_lateral_scale(at_scale, stack, self.lateral_bin), 0, 1)
         finally:
             self.net.train(was_training)
@@ -671,7 +696,7 @@ class Discriminators(nn.ModuleDict):
 # ---------------------------------------------------------------- checkpoints
 
 def inference_settings(state):
-    """{"lateral_bin", "zero_mean", "neighbours"[, "noise_sigma", "lone_blur"]} a checkpoint denoises with: what train.py
+    """{"lateral_bin", "zero_mean", "neighbours"[, "noise_sigma", "quiet_sigma", "lone_blur"]} a checkpoint denoises with: what train.py
     recorded, or for checkpoints written before it recorded them, what its options imply (only TCFL trains
     zero-mean or with neighbours)."""
     args = state.get("args") or {}
@@ -802,7 +827,8 @@ def add_checkpoint_args(parser):
                              "of these sigmas, binned pixels (default: as the checkpoint records)")
     parser.add_argument("--noise_adapt", action=argparse.BooleanOptionalAction, default=True,
                         help="compress the contrast of a B-scan noisier than the training scans to their noise level "
-                             "before the net, and expand the noise estimate back (needs the noise level train.py records)")
+                             "before the net, and expand the noise estimate back; for a scan quieter than them, narrow a "
+                             "--skip_blur start's Gaussian (needs the noise level train.py records)")
 
 
 def load_for_options(args, path):

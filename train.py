@@ -95,9 +95,9 @@ def load_training_data(args, data_kind):
                                                        val_neighbours=args.val_neighbours,
                                                        neighbours=4 if args.neighbour_target else args.neighbours,
                                                        val_subjects=args.val_subjects)
-    # models.Denoiser's --noise_adapt level: the median over (at most ~100 of) the noisy training B-scans
-    noise_level = float(np.median([noise_sigma(image if image.ndim == 2 else image[0])
-                                   for image in noisy[::max(1, len(noisy) // 100)]]))
+    # models.Denoiser's --noise_adapt levels: the median and the lowest over (at most ~100 of) the noisy training B-scans
+    levels = [noise_sigma(image if image.ndim == 2 else image[0]) for image in noisy[::max(1, len(noisy) // 100)]]
+    noise_levels = {"noise_sigma": float(np.median(levels)), "quiet_sigma": float(np.min(levels))}
     binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
     noisy, clean = binned(noisy), binned(clean)
     narrowest = min(image.shape[-1] for image in noisy + clean)
@@ -110,7 +110,7 @@ def load_training_data(args, data_kind):
     else:
         noisy, targets = training_targets(args, noisy)
         dataset = datasets.TripletDataset(noisy, clean, args.patch_size, args.epoch_size, seed=args.seed, targets=targets)
-    return dataset, noisy, val_samples, noise_level
+    return dataset, noisy, val_samples, noise_levels
 
 
 def training_targets(args, noisy):
@@ -196,9 +196,9 @@ LOG_FIELDS = ["epoch", "step", "loss_g", "loss_d", "adversarial", "identity", "n
 class Run:
     """A training run's state beyond the trainer: step, validation history, the log, checkpoints (rank 0 writes)."""
 
-    def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_sigma=None):
+    def __init__(self, args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_levels=None):
         self.args, self.trainer, self.val_samples = args, trainer, val_samples
-        self.noise_sigma = noise_sigma  # the training scans' median noise level: models.Denoiser's --noise_adapt
+        self.noise_levels = noise_levels or {}  # the training scans' noise levels: models.Denoiser's --noise_adapt
         self.ddp, self.rank, self.world, self.master = ddp, rank, world, rank == 0
         self.steps_per_epoch, self.step, self.history, self.window = steps_per_epoch, 0, [], []
         self.log_path, self.start = Path(args.ckpt_dir) / "log.csv", time.time()
@@ -217,7 +217,7 @@ class Run:
 
     def denoiser(self):
         """What evaluate.py will load from this run's checkpoint."""
-        return self.trainer.denoiser(self.args.lateral_bin, self.noise_sigma)
+        return self.trainer.denoiser(self.args.lateral_bin, **self.noise_levels)
 
     def save_checkpoint(self, epoch):
         """One dict of plain types and tensors per epoch (loads with weights_only=True); every rank's RNG state."""
@@ -231,7 +231,7 @@ class Run:
         state = {**self.trainer.state_dict(), "epoch": epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
                  "world_size": self.world, "method": args.method, "backbone": args.backbone, "args": vars(args),
                  "inference": {"lateral_bin": args.lateral_bin, "zero_mean": self.trainer.zero_mean,
-                               "noise_sigma": self.noise_sigma, "neighbours": self.trainer.neighbours},
+                               **self.noise_levels, "neighbours": self.trainer.neighbours},
                  "history": self.history, "rng": rng}
         tmp = Path(args.ckpt_dir) / f"epoch_{epoch}.pth.tmp"
         torch.save(state, tmp)
@@ -329,7 +329,7 @@ def main(argv=None):
     existing = prepare_output(args, master=rank == 0)
 
     method = trainers.TRAINERS[args.method]
-    dataset, noisy, val_samples, noise_level = load_training_data(args, method.data)
+    dataset, noisy, val_samples, noise_levels = load_training_data(args, method.data)
     steps_per_epoch = args.epoch_size // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise DataError(f"--epoch_size {args.epoch_size} is smaller than one global batch ({args.batch_size} x {world})")
@@ -340,7 +340,7 @@ def main(argv=None):
     if args.cosine:
         trainer.set_cosine_schedule(args.niter * steps_per_epoch)
 
-    run = Run(args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_level)
+    run = Run(args, trainer, val_samples, ddp, rank, world, steps_per_epoch, noise_levels)
     if args.resume:
         run.resume(existing[max(existing)], device)
     if run.master:

@@ -85,15 +85,17 @@ def save(name, payload):
 def test_samples(dataset, size=256, quick=False, split="test"):
     """(dataset, the test split's samples): duke28 from ../shared/data (the synthetic set when that
     is absent, said once), or the built-in synthetic set at size x size; --quick: the first two.
-    split "val": instead train.py's validation subjects (duke28: 9-10, with their neighbours)."""
+    split "val": instead train.py's validation subjects (duke28: 9-10, with their neighbours; synthetic: 8
+    phantoms of its validation seed, with their neighbours)."""
     import datasets
     data = SHARED_DATA / "duke_bioptigen"
     if dataset == "duke28" and not data.is_dir():
         print(f"{data} not found: running on the synthetic set instead")
         dataset = "synthetic"
     root = data if dataset == "duke28" else None
-    if split == "val":
-        samples = datasets.load_unpaired(dataset, root, "train", synthetic_size=size)[2]
+    if split == "val":  # synthetic: 8 phantoms of train.py's validation seed, not 2, as the test set has 8
+        samples = datasets.load_unpaired(dataset, root, "train", n_val=8 if dataset == "synthetic" else 2,
+                                         synthetic_size=size)[2]
     else:
         samples = datasets.load_pairs(dataset, root, "test", synthetic_size=size)
     return dataset, samples[:2] if quick else samples

@@ -187,6 +187,25 @@ def test_noise_adapt_reports_noisier_bscans_and_turns_off(tmp_path, capsys):
     assert np.abs(off[0] / 255 - plain).max() <= 1 / 255 and np.mean(on != off) > 0.1
 
 
+def test_noise_adapt_reports_a_quieter_scan_and_its_narrower_start(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "blur.pth"
+    generator = models.build_generator("dncnn", skip_blur=(1.0, 3.0))
+    torch.save({"generator": generator.state_dict(), "backbone": "dncnn", "method": "tcfl",
+                "args": {"skip_blur": [1.0, 3.0]},
+                "inference": {"lateral_bin": 1, "zero_mean": True, "noise_sigma": 10.0}}, path)  # far noisier than the stack
+    src = tmp_path / "in" / "scan.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, (speckle((32, 48)) * 255).astype(np.uint8))
+    assert run([src], tmp_path / "on", path) == 0
+    assert re.search(r"1 of 1 B-scan\(s\) from a scan quieter than the training scans, the blur start's width x0\.\d\d",
+                     capsys.readouterr().out)
+    assert run([src], tmp_path / "off", path, "--no-noise_adapt") == 0
+    assert "quieter" not in capsys.readouterr().out
+    on, off = (tifffile.imread(tmp_path / name / "scan.tif") for name in ("on", "off"))
+    assert np.mean(on != off) > 0.1  # the narrower start keeps more of the speckle
+
+
 def test_a_neighbours_checkpoint_reads_each_page_with_its_nearest_pages(tmp_path, capsys):
     torch.manual_seed(0)
     generator = models.build_generator("dncnn", in_channels=3)

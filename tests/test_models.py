@@ -136,6 +136,7 @@ def test_shipped_checkpoint_records_its_training_scans_noise_level():
     noisy = datasets.load_unpaired(args["dataset"], DUKE, args["split"], args["n_val"], seed=args["seed"])[0]
     median = np.median([utils.noise_sigma(x) for x in noisy])  # full size, as train.py records it
     assert len(noisy) == 40 and denoiser.noise_sigma == pytest.approx(median, rel=1e-6)
+    assert denoiser.quiet_sigma == pytest.approx(min(utils.noise_sigma(x) for x in noisy), rel=1e-6)
     # trained and denoising binned 4:1, reading 4 neighbours, starting from the blended blur (docs/training.md)
     assert args["lateral_bin"] == 4 and denoiser.lateral_bin == 4 and args["skip_blur"] == [1.0, 3.0]
     assert denoiser.neighbours == 4 and args["skip_centre_weight"] == 0.6

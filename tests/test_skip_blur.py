@@ -11,6 +11,7 @@ import evaluate
 import models
 import train
 import trainers
+import utils
 from utils import DataError
 
 
@@ -75,6 +76,44 @@ def test_a_lone_b_scan_starts_from_lone_blur_and_a_stack_from_the_blend():
     np.testing.assert_allclose(denoiser(volume, 1), np.clip(blurred(blend, (1.0, 3.0)), 0, 1), atol=1e-5)  # restored
     without = denoiser.replace(lone_blur=None)  # the checkpoint's own Gaussian for lone B-scans, as before
     np.testing.assert_allclose(without(volume[1]), np.clip(blurred(volume[1], (1.0, 3.0)), 0, 1), atol=1e-5)
+
+
+def test_a_quieter_scan_starts_from_a_narrower_blur_and_a_quieter_b_scan_alone_does_not():
+    """Denoiser with noise_sigma: the start's sigmas x (the median noise estimate of the B-scans read / the
+    quietest training scan's, quiet_sigma, else noise_sigma) ** QUIET_EXPONENT, only where that is below 1."""
+    torch.manual_seed(0)
+    net = models.build_generator("dncnn", in_channels=3, skip_blur=(1.0, 3.0), skip_centre_weight=0.6).eval()
+    rng = np.random.default_rng(0)
+    volume = (0.5 + 0.1 * rng.standard_normal((3, 32, 48))).astype(np.float32)
+    level = float(np.median([utils.noise_sigma(page) for page in volume]))
+    blend = lambda v: 0.6 * v[1] + 0.4 * (v[0] + v[2]) / 2
+    at_training = models.Denoiser(net, zero_mean=False, neighbours=2, noise_sigma=level)
+    np.testing.assert_allclose(at_training(volume, 1), np.clip(blurred(blend(volume), (1.0, 3.0)), 0, 1), atol=1e-5)
+    assert at_training.last_start_scale == 1.0
+    trained_noisier = at_training.replace(noise_sigma=2 * level)  # the scan is half as noisy as the training scans
+    scale = 0.5 ** models.QUIET_EXPONENT
+    np.testing.assert_allclose(trained_noisier(volume, 1),
+                               np.clip(blurred(blend(volume), (scale, 3.0 * scale)), 0, 1), atol=1e-5)
+    assert trained_noisier.last_start_scale == pytest.approx(scale, rel=1e-6)
+    np.testing.assert_allclose(trained_noisier.replace(noise_sigma=None)(volume, 1), at_training(volume, 1))  # off
+    trained_quieter = at_training.replace(noise_sigma=level / 2)  # a noisier scan: the start stays
+    trained_quieter(volume, 1)
+    assert trained_quieter.last_start_scale == 1.0
+    within_range = at_training.replace(noise_sigma=2 * level, quiet_sigma=level)  # as quiet as the quietest training scan
+    within_range(volume, 1)
+    assert within_range.last_start_scale == 1.0
+    below_range = at_training.replace(noise_sigma=3 * level, quiet_sigma=2 * level)
+    below_range(volume, 1)
+    assert below_range.last_start_scale == pytest.approx(scale, rel=1e-6)
+    quiet_centre = volume.copy()
+    quiet_centre[1] = 0.5 + 0.3 * (volume[1] - 0.5)  # one B-scan averaged quieter; its neighbours as recorded
+    np.testing.assert_allclose(at_training(quiet_centre, 1), np.clip(blurred(blend(quiet_centre), (1.0, 3.0)), 0, 1),
+                               atol=1e-5)
+    assert at_training.last_start_scale == 1.0
+    lone = trained_noisier.replace(lone_blur=(1.25, 4.0))  # a lone B-scan: its own noise, the lone start narrowed
+    own = utils.noise_sigma(volume[1]) / (2 * level)
+    np.testing.assert_allclose(lone(volume[1]), np.clip(blurred(volume[1], (1.25 * own ** models.QUIET_EXPONENT,
+                                                                         4.0 * own ** models.QUIET_EXPONENT)), 0, 1), atol=1e-5)
 
 
 def test_lone_blur_is_recorded_at_export_and_checked(tmp_path, fake_duke28):
