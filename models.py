@@ -193,6 +193,13 @@ class FilterSkip(nn.Module):
         self.register_buffer("taps_axial", taps_axial, persistent=False)
         self.register_buffer("taps_lateral", taps_lateral, persistent=False)
 
+    def blend_noise(self, neighbours):
+        """The noise std of filter_input's blend relative to one B-scan's, for `neighbours` B-scans of independent
+        noise beside it: sqrt(w^2 + (1 - w)^2 / k); 1 for the B-scan alone."""
+        if self.centre_weight == 1 or not neighbours:
+            return 1.0
+        return float(np.sqrt(self.centre_weight ** 2 + (1 - self.centre_weight) ** 2 / neighbours))
+
     def filter_input(self, x):
         """centre_weight < 1 (--skip_centre_weight, a --neighbours generator): centre_weight x the B-scan +
         (1 - centre_weight) x its neighbours' mean; a lone B-scan (neighbours = copies of it) reads itself."""
@@ -338,11 +345,11 @@ def predict_noise(net, image, tile=512, margin=32, bf16=False, zero_mean=False):
 # training does (datasets.TripletDataset flips left-right only: up-down would put the vitreous below
 # the retina); 'all' adds the rotations and up-down flips.
 # A scan quieter than the training scans starts from the blur start's sigmas x (its noise / theirs) ** this
-# (Denoiser). Chosen on the synthetic validation phantoms (bench/robustness.py --dataset synthetic --split val;
-# 0.26-0.71x the quietest training scan's noise estimate): of 0.4-1.0, 0.5 and 0.6 scored best over stacks and
-# lone B-scans together, 0.5 costing lone B-scans less; between the 1/3 a smooth image's optimal Gaussian width
-# follows and the 2/3 an edge's does (docs/training.md).
-QUIET_EXPONENT = 0.5
+# (Denoiser): 1/3, the exponent a smooth image's MSE-optimal Gaussian width follows in 2-D (sigma ~ noise ** (2 / 6)).
+# On the synthetic validation phantoms (bench/robustness.py --dataset synthetic --split val; 0.26-0.71x the quietest
+# training scan's noise estimate) it gains 0.2-2 dB and keeps SSIM level; larger exponents gain more PSNR and
+# lose SSIM (docs/training.md).
+QUIET_EXPONENT = 1 / 3
 
 ENSEMBLES = {"lr": [(0, False), (0, True)],
              "all": [(k, flip) for flip in (False, True) for k in range(4)]}
@@ -410,12 +417,15 @@ class Denoiser:
             return 1.0
         return min(1.0, self.noise_sigma / max(noise_sigma(image), 1e-6))
 
-    def start_scale(self, stack):
-        """The factor on a BlurSkip start's sigmas for the B-scans `stack` (full size): below 1 for a quieter scan."""
+    def start_scale(self, stack, lone=False):
+        """The factor on a BlurSkip start's sigmas for the B-scans `stack` (full size): below 1 for a quieter scan.
+        The start's width was chosen for the blend it reads of a training stack, whose noise is the B-scans' x
+        blend_noise(); a lone B-scan (copies as neighbours) is its own blend, so it compares with that."""
         if not (self.noise_sigma and isinstance(self.net, BlurSkip)):
             return 1.0
         level = float(np.median([noise_sigma(image) for image in stack]))
-        return min(1.0, level / (self.quiet_sigma or self.noise_sigma)) ** QUIET_EXPONENT
+        reference = (self.quiet_sigma or self.noise_sigma) * (self.net.blend_noise(self.neighbours) if lone else 1.0)
+        return min(1.0, level / reference) ** QUIET_EXPONENT
 
     def noise(self, x, gain=1.0):
         if gain >= 1.0:
@@ -450,7 +460,7 @@ class Denoiser:
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None].to(device)
             return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
         lone = len(slices) == 1 and self.neighbours and self.lone_blur
-        scale = self.last_start_scale = self.start_scale(stack)
+        scale = self.last_start_scale = self.start_scale(stack, lone=len(slices) == 1)
         sigmas = self.lone_blur if lone else getattr(self.net, "sigmas", None)
         was_training = self.net.training
         self.net.eval()

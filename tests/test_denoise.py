@@ -163,6 +163,16 @@ def test_bf16_denoising_writes_what_fp32_writes(tmp_path, ckpt):
     assert np.isfinite(bf16).all() and np.abs(bf16 - fp32).max() < 0.02
 
 
+def with_and_without_noise_adapt(tmp_path, capsys, ckpt, src):
+    """denoise.py on src with ckpt, then with --no-noise_adapt (which must report no adaptation): the first
+    run's printed report and the two outputs."""
+    assert run([src], tmp_path / "on", ckpt) == 0
+    report = capsys.readouterr().out
+    assert run([src], tmp_path / "off", ckpt, "--no-noise_adapt") == 0
+    assert "noise adaptation" not in capsys.readouterr().out
+    return report, *(tifffile.imread(tmp_path / name / src.name) for name in ("on", "off"))
+
+
 def test_noise_adapt_reports_noisier_bscans_and_turns_off(tmp_path, capsys):
     # A checkpoint recording a training noise level far below a speckle stack's: every page is adapted
     # and the closing report says so; --no-noise_adapt gives the plain network's output.
@@ -177,12 +187,9 @@ def test_noise_adapt_reports_noisier_bscans_and_turns_off(tmp_path, capsys):
     src = tmp_path / "in" / "volume.tif"
     src.parent.mkdir()
     tifffile.imwrite(src, stack, photometric="minisblack")
-    assert run([src], tmp_path / "on", path) == 0
+    report, on, off = with_and_without_noise_adapt(tmp_path, capsys, path, src)
     assert re.search(r"noise adaptation: 2 of 2 B-scan\(s\) noisier than the training scans, contrast compressed x0\.\d\d",
-                     capsys.readouterr().out)
-    assert run([src], tmp_path / "off", path, "--no-noise_adapt") == 0
-    assert "noise adaptation" not in capsys.readouterr().out
-    on, off = (tifffile.imread(tmp_path / name / "volume.tif") for name in ("on", "off"))
+                     report)
     plain = models.Denoiser(models.load_checkpoint(path)[0].net, zero_mean=True)(stack[0].astype(np.float32) / 255)
     assert np.abs(off[0] / 255 - plain).max() <= 1 / 255 and np.mean(on != off) > 0.1
 
@@ -197,12 +204,9 @@ def test_noise_adapt_reports_a_quieter_scan_and_its_narrower_start(tmp_path, cap
     src = tmp_path / "in" / "scan.tif"
     src.parent.mkdir()
     tifffile.imwrite(src, (speckle((32, 48)) * 255).astype(np.uint8))
-    assert run([src], tmp_path / "on", path) == 0
-    assert re.search(r"1 of 1 B-scan\(s\) from a scan quieter than the training scans, the blur start's width x0\.\d\d",
-                     capsys.readouterr().out)
-    assert run([src], tmp_path / "off", path, "--no-noise_adapt") == 0
-    assert "quieter" not in capsys.readouterr().out
-    on, off = (tifffile.imread(tmp_path / name / "scan.tif") for name in ("on", "off"))
+    report, on, off = with_and_without_noise_adapt(tmp_path, capsys, path, src)
+    assert re.search(r"noise adaptation: 1 of 1 B-scan\(s\) from a scan quieter than the training scans, the blur "
+                     r"start's width x0\.\d\d", report)
     assert np.mean(on != off) > 0.1  # the narrower start keeps more of the speckle
 
 

@@ -110,10 +110,17 @@ def test_a_quieter_scan_starts_from_a_narrower_blur_and_a_quieter_b_scan_alone_d
     np.testing.assert_allclose(at_training(quiet_centre, 1), np.clip(blurred(blend(quiet_centre), (1.0, 3.0)), 0, 1),
                                atol=1e-5)
     assert at_training.last_start_scale == 1.0
-    lone = trained_noisier.replace(lone_blur=(1.25, 4.0))  # a lone B-scan: its own noise, the lone start narrowed
-    own = utils.noise_sigma(volume[1]) / (2 * level)
+    # a lone B-scan is its own blend: its noise against the training blend's, 2 level x sqrt(0.6^2 + 0.4^2 / 2)
+    assert net.blend_noise(2) == pytest.approx(np.sqrt(0.36 + 0.08)) and net.blend_noise(0) == 1.0
+    lone = trained_noisier.replace(noise_sigma=4 * level, lone_blur=(1.25, 4.0))  # the lone start narrowed
+    own = utils.noise_sigma(volume[1]) / (4 * level * np.sqrt(0.36 + 0.08))
+    assert own < 1
     np.testing.assert_allclose(lone(volume[1]), np.clip(blurred(volume[1], (1.25 * own ** models.QUIET_EXPONENT,
                                                                          4.0 * own ** models.QUIET_EXPONENT)), 0, 1), atol=1e-5)
+    assert lone.last_start_scale == pytest.approx(own ** models.QUIET_EXPONENT, rel=1e-6)
+    as_quiet_as_the_blend = lone.replace(noise_sigma=utils.noise_sigma(volume[1]) / np.sqrt(0.36 + 0.08))
+    as_quiet_as_the_blend(volume[1])
+    assert as_quiet_as_the_blend.last_start_scale == pytest.approx(1.0)  # a lone B-scan at the training blend's noise
 
 
 def test_lone_blur_is_recorded_at_export_and_checked(tmp_path, fake_duke28):

@@ -299,14 +299,20 @@ def test_discriminator_and_generator_losses(make_trainer, options, fake_weight, 
     assert trainer.discriminator_step(c, fakes) == pytest.approx(want_d.item(), rel=1e-6, abs=1e-7)
 
 
-def test_sigma_rep_adds_the_repulsion_term_to_the_generator_loss(make_trainer):
+def generator_losses(make_trainer, option, values):
+    """({value: G's loss on one triplet with --option value}, the six fakes, (N_A, N_B), C_C) for a fixed G and critic."""
     a, b, c = triplet()
     losses = {}
-    for sigma_rep in (0.0, 0.5):
-        trainer = make_trainer(generator=BlurResidual(), discriminator=KnownCritic(), zero_mean=False, sigma_rep=sigma_rep)
+    for value in values:
+        trainer = make_trainer(generator=BlurResidual(), discriminator=KnownCritic(), zero_mean=False, **{option: value})
         with torch.no_grad():
             fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
-            losses[sigma_rep] = trainer.generator_loss(torch.cat(fakes), c, noise_a, noise_b)[0].item()
+            losses[value] = trainer.generator_loss(torch.cat(fakes), c, noise_a, noise_b)[0].item()
+    return losses, fakes, (noise_a, noise_b), c
+
+
+def test_sigma_rep_adds_the_repulsion_term_to_the_generator_loss(make_trainer):
+    losses, _, (noise_a, noise_b), _ = generator_losses(make_trainer, "sigma_rep", (0.0, 0.5))
     repulsion = 0.5 * (torch.exp(-(noise_a - noise_b).abs().mean()) - 1).item()
     assert repulsion < -1e-3  # N_A != N_B: a real, negative term
     assert losses[0.5] - losses[0.0] == pytest.approx(repulsion, rel=1e-4)
@@ -322,13 +328,7 @@ def test_ssim_loss_is_one_minus_the_ssim_column():
 
 
 def test_ssim_weight_adds_one_minus_ssim_of_the_four_identity_pairs(make_trainer):
-    a, b, c = triplet()
-    losses = {}
-    for weight in (0.0, 2.0):
-        trainer = make_trainer(generator=BlurResidual(), discriminator=KnownCritic(), zero_mean=False, ssim_weight=weight)
-        with torch.no_grad():
-            fakes, (noise_a, noise_b) = trainer.fuse(a, b, c)
-            losses[weight] = trainer.generator_loss(torch.cat(fakes), c, noise_a, noise_b)[0].item()
+    losses, fakes, _, c = generator_losses(make_trainer, "ssim_weight", (0.0, 2.0))
     c_a1, c_b1, c_a2, c_b2, c_c1, c_c2 = fakes
     pairs = [(c_a2, c_a1), (c_b2, c_b1), (c_c1, c), (c_c2, c)]
     want = np.mean([[utils.ssim(y[i, 0].numpy(), x[i, 0].numpy()) for i in range(len(x))] for x, y in pairs])
