@@ -341,9 +341,6 @@ def predict_noise(net, image, tile=512, margin=32, bf16=False, zero_mean=False):
     return noise - noise.mean(dim=(-2, -1), keepdim=True) if zero_mean else noise
 
 
-# Test-time ensembles, as (quarter turns, left-right flip) views. 'lr' keeps the B-scan upright, as
-# training does (datasets.TripletDataset flips left-right only: up-down would put the vitreous below
-# the retina); 'all' adds the rotations and up-down flips.
 # A scan quieter than the training scans starts from the blur start's sigmas x (its noise / theirs) ** this
 # (Denoiser): 1/3, the exponent a smooth image's MSE-optimal Gaussian width follows in 2-D (sigma ~ noise ** (2 / 6)).
 # On the synthetic validation phantoms (bench/robustness.py --dataset synthetic --split val; 0.26-0.71x the quietest
@@ -351,6 +348,9 @@ def predict_noise(net, image, tile=512, margin=32, bf16=False, zero_mean=False):
 # lose SSIM (docs/training.md).
 QUIET_EXPONENT = 1 / 3
 
+# Test-time ensembles, as (quarter turns, left-right flip) views. 'lr' keeps the B-scan upright, as
+# training does (datasets.TripletDataset flips left-right only: up-down would put the vitreous below
+# the retina); 'all' adds the rotations and up-down flips.
 ENSEMBLES = {"lr": [(0, False), (0, True)],
              "all": [(k, flip) for flip in (False, True) for k in range(4)]}
 
@@ -459,13 +459,14 @@ class Denoiser:
         def at_scale(small):
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None].to(device)
             return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
-        lone = len(slices) == 1 and self.neighbours and self.lone_blur
-        scale = self.last_start_scale = self.start_scale(stack, lone=len(slices) == 1)
-        sigmas = self.lone_blur if lone else getattr(self.net, "sigmas", None)
+        alone = len(slices) == 1
+        scale = self.last_start_scale = self.start_scale(stack, lone=alone)
+        own = getattr(self.net, "sigmas", None)  # a BlurSkip start's; None: no blur start
+        sigmas = self.lone_blur if alone and self.neighbours and self.lone_blur else own
         was_training = self.net.training
         self.net.eval()
         try:
-            changed = lone or scale < 1
+            changed = sigmas != own or scale < 1
             with self.net.blurring(*(scale * sigma for sigma in sigmas)) if changed else contextlib.nullcontext():
                 return np.clip(at_lateral_scale(at_scale, stack, self.lateral_bin), 0, 1)
         finally:
