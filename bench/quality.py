@@ -166,7 +166,7 @@ def score_rows(samples, dataset, split, args, networks=True):
             bscans = 1 + denoiser.neighbours if volume else 1
             add(name, *timed(denoiser, samples, volume), bscans=bscans)
             if not args.quick and state.get("method", "tcfl") == "tcfl":  # 2x the time: only for the main method
-                ensemble = denoiser.replace(ensemble="lr", noise_sigma=None)
+                ensemble = denoiser.replace(ensemble="lr")  # the same settings, plus the mirrored pass
                 add(name + " ens lr", *timed(ensemble, samples, volume), bscans=bscans)
         if dataset == "duke28":
             for folder in sorted((SHARED_DATA / "published_outputs").iterdir()):
