@@ -372,20 +372,21 @@ class Denoiser:
     lone_blur: (axial, lateral) sigmas, in pixels of the binned B-scan, of the start a BlurSkip generator with
         neighbours takes for a lone B-scan (no neighbours: copies of itself) in place of its own blend's
         Gaussian, which was chosen for the quieter blend of 5 B-scans (None: its own). Recorded in the checkpoint.
-    quiet_sigma: the quietest training scan's noise level (train.py records it; None: noise_sigma). With
-        noise_sigma set, a BlurSkip generator's start narrows for a scan quieter than that: the Gaussian's
-        sigmas x (level / quiet_sigma) ** QUIET_EXPONENT, level = the median noise estimate of the B-scans it
-        reads (the B-scan and its neighbours); `last_start_scale`: the latest factor. The median, not the
-        B-scan's own estimate: a B-scan quieter than its neighbours, as an average of registered B-scans is, is
-        not a quieter scanner, and a narrower start lost 0.1-0.2 dB on such validation B-scans (docs/training.md).
     tile, bf16: see predict_noise.
     noise_sigma: the training scans' noise level, estimated at full size (train.py records it; None: off).
         A B-scan noisier than that is fed to the net with its contrast compressed about its mean by
         gain = noise_sigma / its own noise estimate, and the net's noise estimate is expanded back
         by 1 / gain: the net sees speckle of the strength it learned, as BM3D.py's threshold follows
-        its noise estimate. Quieter B-scans go in unchanged: expanding their contrast instead measured
+        its noise estimate. Quieter B-scans keep their contrast (see quiet_sigma): expanding it instead measured
         -0.42 to +0.16 dB on the synthetic validation phantoms (quieter than the training scans) and
         -0.05 to +0.05 on the Duke validation B-scans (docs/training.md). `last_gain`: the latest B-scan's.
+    quiet_sigma: the quietest training scan's noise level (train.py records it; None: noise_sigma). With
+        noise_sigma set, a BlurSkip generator's start narrows for a scan quieter than that: the Gaussian's
+        sigmas x (level / quiet_sigma) ** QUIET_EXPONENT, level = the median noise estimate of the B-scans it
+        reads (the B-scan and its neighbours; a lone B-scan against the training blend's noise, start_scale);
+        `last_start_scale`: the latest factor. The median, not the
+        B-scan's own estimate: a B-scan quieter than its neighbours, as an average of registered B-scans is, is
+        not a quieter scanner, and a narrower start lost 0.1-0.2 dB on such validation B-scans (docs/training.md).
     """
 
     def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False, noise_sigma=None,
