@@ -179,7 +179,11 @@ class FilterSkip(nn.Module):
         super().__init__()
         self.net = net
         self.centre_weight = float(centre_weight)
-        last = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
+        self.zero_correction()
+
+    def zero_correction(self):
+        """Zero the backbone's last convolution: the generator then denoises as its filter alone."""
+        last = [m for m in self.net.modules() if isinstance(m, nn.Conv2d)][-1]
         nn.init.zeros_(last.weight)
         if last.bias is not None:
             nn.init.zeros_(last.bias)
@@ -412,19 +416,21 @@ class Denoiser:
                      "quiet_sigma")}
         return Denoiser(self.net, **{**settings, **changes})
 
-    def gain(self, image):
-        """noise_sigma / the noise estimate of the full-size 2-D B-scan, at most 1 (class docstring)."""
+    def gain(self, level):
+        """noise_sigma / `level`, the noise estimate of the full-size 2-D B-scan, at most 1 (class docstring)."""
         if not self.noise_sigma:
             return 1.0
-        return min(1.0, self.noise_sigma / max(noise_sigma(image), 1e-6))
+        return min(1.0, self.noise_sigma / max(level, 1e-6))
 
-    def start_scale(self, stack, lone=False):
-        """The factor on a BlurSkip start's sigmas for the B-scans `stack` (full size): below 1 for a quieter scan.
-        The start's width was chosen for the blend it reads of a training stack, whose noise is the B-scans' x
-        blend_noise(); a lone B-scan (copies as neighbours) is its own blend, so it compares with that."""
+    def start_scale(self, stack, centre_level, lone=False):
+        """The factor on a BlurSkip start's sigmas for the B-scans `stack` (full size; centre_level: its first's
+        noise estimate): below 1 for a quieter scan. The start's width was chosen for the blend it reads of a
+        training stack, whose noise is the B-scans' x blend_noise(); a lone B-scan (copies as neighbours) is its
+        own blend, so it compares with that."""
         if not (self.noise_sigma and isinstance(self.net, BlurSkip)):
             return 1.0
-        level = float(np.median([noise_sigma(image) for image in stack]))
+        levels = [centre_level] if lone else [centre_level] + [noise_sigma(image) for image in stack[1:]]
+        level = float(np.median(levels))
         reference = (self.quiet_sigma or self.noise_sigma) * (self.net.blend_noise(self.neighbours) if lone else 1.0)
         return min(1.0, level / reference) ** QUIET_EXPONENT
 
@@ -455,13 +461,14 @@ class Denoiser:
         slices = image if image.ndim == 3 else image[None]
         centre = len(slices) // 2 if centre is None else centre
         stack = context_stack(slices, centre, self.neighbours)
-        gain = self.last_gain = self.gain(stack[0])
+        centre_level = noise_sigma(stack[0]) if self.noise_sigma else None  # --noise_adapt's, both ways
+        gain = self.last_gain = self.gain(centre_level)
 
         def at_scale(small):
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None].to(device)
             return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
         alone = len(slices) == 1
-        scale = self.last_start_scale = self.start_scale(stack, lone=alone)
+        scale = self.last_start_scale = self.start_scale(stack, centre_level, lone=alone)
         own = getattr(self.net, "sigmas", None)  # a BlurSkip start's; None: no blur start
         sigmas = self.lone_blur if alone and self.neighbours and self.lone_blur else own
         was_training = self.net.training

@@ -14,7 +14,6 @@ import argparse
 import copy
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from common import SHARED_DATA, machine, save
@@ -35,10 +34,7 @@ def start_of(denoiser):
     """The same Denoiser with its FilterSkip generator's correction zeroed: what it starts from."""
     start = denoiser.replace()
     start.net = copy.deepcopy(denoiser.net)
-    last = [m for m in start.net.net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    torch.nn.init.zeros_(last.weight)
-    if last.bias is not None:
-        torch.nn.init.zeros_(last.bias)
+    start.net.zero_correction()
     return start
 
 
