@@ -85,7 +85,8 @@ def add_data_options(p):
     g.add_argument("--val_neighbours", action="store_true",
                    help="also validate on the held-back subjects' registered neighbour B-scans (duke28: 1..4.tif, "
                         "scored against the subject's average): 5x the validation images for --epoch best; with --neighbours "
-                        "each reads the other 4 B-scans as its neighbours")
+                        "each reads the other 4 B-scans as its neighbours. The average is registered to test.tif, so "
+                        "these scores favour outputs that lean on the neighbours (docs/training.md)")
     g.add_argument("--neighbours", type=int, default=0, choices=range(0, 5), metavar="K",
                    help="tcfl, duke28: G reads each B-scan with its K nearest registered B-scans (2.5-D input, "
                         "0-4; 0: the B-scan alone); evaluate.py/denoise.py then read them too")
