@@ -9,6 +9,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import blur_start  # noqa: E402
 import ceiling  # noqa: E402
+import correction  # noqa: E402
 import grain  # noqa: E402
 import infer_speed  # noqa: E402
 import intensity  # noqa: E402
@@ -166,3 +167,32 @@ def test_infer_speed_feeds_a_neighbours_checkpoint_its_volume():
     np.testing.assert_array_equal(infer_speed.network_input(stacked, sample)[2], sample.noisy)  # the B-scan in the middle
     np.testing.assert_array_equal(infer_speed.network_input(single, sample, region), sample.noisy[region])
     assert infer_speed.network_input(lambda image: image, sample).shape == sample.noisy.shape  # NLM.py: the B-scan
+
+
+def test_correction_scores_each_epoch_and_the_start_on_the_held_back_test_bscans(tmp_path, fake_duke28):
+    import models
+    torch = pytest.importorskip("torch")
+    root = fake_duke28(tmp_path, ids=(1, 2, 3, 4), neighbours=(1, 2, 3, 4), splits={"train": [1, 2, 3], "test": [4]})
+    args = {"dataset": "duke28", "data_root": str(root), "split": "train", "n_val": 1, "seed": 0, "val_subjects": None,
+            "neighbours": 4, "skip_blur": [1.0, 3.0], "skip_centre_weight": 0.6, "lateral_bin": 4}
+    net = models.build_generator("dncnn", in_channels=5, skip_blur=(1.0, 3.0), skip_centre_weight=0.6)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"generator": net.state_dict(), "backbone": "dncnn", "method": "tcfl", "args": args, "step": 400},
+               run / "epoch_10.pth")  # correction still zero: scores as the start
+    torch.nn.init.normal_([m for m in net.net.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight, std=100.0)
+    torch.save({"generator": net.state_dict(), "backbone": "dncnn", "method": "tcfl", "args": args, "step": 80},
+               run / "epoch_2.pth")
+    payload = correction.main([str(run), "--no_save"])
+    result = payload["runs"][str(run)]
+    assert result["subjects"] == ["3"]  # the held-back training subject's test.tif only, never the test split's 4
+    start, trained, untrained = result["rows"]
+    assert [start["step"], trained["step"], untrained["step"]] == [0, 80, 400]  # epoch 10 after epoch 2
+    assert untrained["psnr"] == pytest.approx(start["psnr"], abs=1e-4) and trained["psnr"] != pytest.approx(start["psnr"], abs=0.01)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    torch.save({"generator": models.build_generator("dncnn").state_dict(), "backbone": "dncnn", "method": "tcfl",
+                "args": {**args, "neighbours": 0, "skip_blur": [0.0, 0.0], "skip_centre_weight": 1.0}, "step": 40},
+               plain / "epoch_1.pth")
+    with pytest.raises(SystemExit, match="not a filter-start generator"):
+        correction.main([str(plain), "--no_save"])
