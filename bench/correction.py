@@ -7,6 +7,7 @@ an average registered to test.tif, which favours outputs that lean on the neighb
 
     python bench/correction.py runs/six_s0 runs/six_s1     # the runs of docs/training.md's held-out table
     python bench/correction.py runs/x --data_root PATH     # the data elsewhere than the run recorded
+    python bench/correction.py runs/six_s0 --classical     # also blur.py, NLM.py, BM3D.py, BM4D.py on those B-scans
 """
 import argparse
 import re
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from common import machine, save
 from intensity import start_of
 
+import baselines
 import models
 import scoring
 from utils import DataError, psnr, ssim
@@ -41,8 +43,9 @@ def held_out_bscans(state, data_root=None):
     return scoring.load_scoring_pairs(args, train_args)
 
 
-def scores(denoiser, samples):
-    outputs = [denoiser(sample.volume()) for sample in samples]
+def scores(denoiser, samples, volume=True):
+    """{"psnr", "ssim"}: per-B-scan lists; denoiser reads each sample's 5-B-scan volume, or with volume False its B-scan."""
+    outputs = [denoiser(sample.volume() if volume else sample.noisy) for sample in samples]
     return {"psnr": [psnr(s.clean, o) for s, o in zip(samples, outputs)],
             "ssim": [ssim(s.clean, o) for s, o in zip(samples, outputs)]}
 
@@ -68,10 +71,22 @@ def score_run(run, data_root=None):
     return {"subjects": [s.id for s in samples], "rows": rows}
 
 
+def score_classical(run, data_root=None):
+    """{method: {"psnr", "ssim"}}: each classical baseline (BM4D.py on the 5 B-scans) on the run's held-back test.tif."""
+    samples = held_out_bscans(models.load_checkpoint(epochs_of(run)[0])[1], data_root)
+    rows = {}
+    for key, spec in tqdm(baselines.CLASSICAL.items(), desc="classical"):
+        result = scores(lambda image, spec=spec: spec.denoise(image), samples, volume=spec.volume)
+        rows[f"{spec.name}.py"] = {metric: float(np.mean(values)) for metric, values in result.items()}
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="train.py --ckpt_dir folders")
     parser.add_argument("--data_root", default=None, help="the duke28 folder (default: the one each run recorded)")
+    parser.add_argument("--classical", action="store_true",
+                        help="also score the classical baselines on the first run's held-back B-scans (BM3D.py: ~4 s each)")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)
     info = machine()
@@ -81,11 +96,14 @@ def main(argv=None):
             results[run] = score_run(run, args.data_root)
         except DataError as error:
             raise SystemExit(f"error: {error}")
+    classical = score_classical(args.runs[0], args.data_root) if args.classical else None
     print("\nmean PSNR / SSIM on each run's held-back subjects' test.tif; step 0 is the start, its correction zeroed")
     for run, result in results.items():
         cells = "  ".join(f"{row['step']}: {row['psnr']:.2f} / {row['ssim']:.3f}" for row in result["rows"])
         print(f"{run} (subjects {', '.join(result['subjects'])})  {cells}")
-    payload = {"machine": info, "runs": results}
+    for name, values in (classical or {}).items():
+        print(f"{name} on {args.runs[0]}'s held-back B-scans: {values['psnr']:.2f} / {values['ssim']:.3f}")
+    payload = {"machine": info, "runs": results, **({"classical": {"run": args.runs[0], "rows": classical}} if classical else {})}
     if not args.no_save:
         save("correction_duke28", payload)
     return payload

@@ -189,6 +189,10 @@ def test_correction_scores_each_epoch_and_the_start_on_the_held_back_test_bscans
     start, trained, untrained = result["rows"]
     assert [start["step"], trained["step"], untrained["step"]] == [0, 80, 400]  # epoch 10 after epoch 2
     assert untrained["psnr"] == pytest.approx(start["psnr"], abs=1e-4) and trained["psnr"] != pytest.approx(start["psnr"], abs=0.01)
+    classical = correction.main([str(run), "--classical", "--no_save"])["classical"]["rows"]
+    sample = correction.held_out_bscans(torch.load(run / "epoch_2.pth", weights_only=True))[0]
+    assert set(classical) == {"blur.py", "NLM.py", "BM3D.py", "BM4D.py"}
+    assert classical["blur.py"]["psnr"] == pytest.approx(correction.psnr(sample.clean, correction.baselines.blur_denoise(sample.noisy)))
     plain = tmp_path / "plain"
     plain.mkdir()
     torch.save({"generator": models.build_generator("dncnn").state_dict(), "backbone": "dncnn", "method": "tcfl",
