@@ -241,53 +241,60 @@ class BlurSkip(FilterSkip):
             self.taps_axial, self.taps_lateral = saved
 
 
-class NLMSkip(FilterSkip):
-    """FilterSkip over non-local means (--skip_nlm H): NLM.py's filter (OpenCV's fastNlMeansDenoising,
-    8-bit path, NLM.py's patch and search windows) with strength h, on each image of the batch. It runs
-    on the CPU in NumPy and passes no gradient: the correction is what trains, and a pseudo-noisy input's
-    gradient reaches the earlier estimates through the x and net(x) terms."""
+class NumpyFilterSkip(FilterSkip):
+    """FilterSkip over a classical filter that runs in NumPy on the CPU (`numpy_filter`: one 2-D float32 image
+    in, one out) and has no gradient: the backward pass takes a Gaussian's (sigmas `surrogate`, the shipped
+    blur start's) in its place, so a pseudo-noisy input's gradient still reaches the earlier estimates
+    through a smoothing of it. With centre_weight < 1 it reads the neighbour blend, as BlurSkip does."""
 
-    def __init__(self, net, h):
-        super().__init__(net)
-        self.h = float(h)
-
-    def filter(self, image):
-        arrays = image.detach().float().cpu().numpy()
-        out = np.stack([baselines.nlm(array[0], self.h, baselines.TEMPLATE, baselines.SEARCH, eight_bit=True)
-                        for array in arrays])
-        return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)
-
-
-class BM3DSkip(FilterSkip):
-    """FilterSkip over BM3D (--skip_bm3d F): BM3D.py's hard-thresholding stage with the threshold F x the
-    wavelet noise estimate of each image of the batch (F = BM3D.py's sigma_factor); with centre_weight < 1
-    it reads the neighbour blend, as BlurSkip does. BM3D runs in NumPy on the CPU and has no gradient, so the
-    backward pass takes a Gaussian's (sigmas `surrogate`, the shipped blur start's) in its place: a
-    pseudo-noisy input's gradient still reaches the earlier estimates through a smoothing of it."""
-
-    def __init__(self, net, sigma_factor, centre_weight=1.0, surrogate=(1.0, 3.0)):
+    def __init__(self, net, centre_weight=1.0, surrogate=(1.0, 3.0)):
         super().__init__(net, centre_weight)
-        self.sigma_factor = float(sigma_factor)
         self.register_taps(*surrogate)
 
-    def bm3d(self, image):
+    def numpy_filter(self, array):
+        raise NotImplementedError
+
+    def filtered(self, image):
         arrays = image.detach().float().cpu().numpy()
-        # The bm3d library releases the GIL and spends ~0.3 s per call whatever the size: one thread per core.
+        # bm3d releases the GIL and spends ~0.3 s per call whatever the size: one thread per core.
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            out = np.stack(list(pool.map(lambda array: baselines.bm3d_hard_threshold(array[0], self.sigma_factor),
-                                         arrays))).astype(np.float32)
+            out = np.stack(list(pool.map(lambda array: self.numpy_filter(array[0]), arrays))).astype(np.float32)
         return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)
 
     def filter(self, image):
         if not torch.is_grad_enabled() or not image.requires_grad:
-            return self.bm3d(image)
+            return self.filtered(image)
         blurred = separable_blur(image, self.taps_axial, self.taps_lateral)
-        return blurred + (self.bm3d(image) - blurred).detach()  # BM3D forward, the Gaussian's gradient
+        return blurred + (self.filtered(image) - blurred).detach()  # the filter forward, the Gaussian's gradient
+
+
+class NLMSkip(NumpyFilterSkip):
+    """NumpyFilterSkip over non-local means (--skip_nlm H): NLM.py's filter (OpenCV's fastNlMeansDenoising,
+    8-bit path, NLM.py's patch and search windows) with strength h."""
+
+    def __init__(self, net, h, centre_weight=1.0):
+        super().__init__(net, centre_weight)
+        self.h = float(h)
+
+    def numpy_filter(self, array):
+        return baselines.nlm(array, self.h, baselines.TEMPLATE, baselines.SEARCH, eight_bit=True)
+
+
+class BM3DSkip(NumpyFilterSkip):
+    """NumpyFilterSkip over BM3D (--skip_bm3d F): BM3D.py's hard-thresholding stage with the threshold F x the
+    wavelet noise estimate of each image of the batch (F = BM3D.py's sigma_factor)."""
+
+    def __init__(self, net, sigma_factor, centre_weight=1.0):
+        super().__init__(net, centre_weight)
+        self.sigma_factor = float(sigma_factor)
+
+    def numpy_filter(self, array):
+        return baselines.bm3d_hard_threshold(array, self.sigma_factor)
 
 
 def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0, skip_bm3d=0.0):
     """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip; skip_nlm (h > 0): in NLMSkip;
-    skip_bm3d (sigma factor > 0): in BM3DSkip. skip_centre_weight: BlurSkip's or BM3DSkip's centre_weight."""
+    skip_bm3d (sigma factor > 0): in BM3DSkip. skip_centre_weight: the start's centre_weight (FilterSkip)."""
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
     model = GENERATORS[backbone](in_channels=in_channels)
@@ -297,7 +304,7 @@ def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0,
     if any(skip_blur):
         model = BlurSkip(model, *skip_blur, centre_weight=skip_centre_weight)
     if skip_nlm:
-        model = NLMSkip(model, skip_nlm)
+        model = NLMSkip(model, skip_nlm, centre_weight=skip_centre_weight)
     if skip_bm3d:
         model = BM3DSkip(model, skip_bm3d, centre_weight=skip_centre_weight)
     if in_channels > 1:

@@ -27,9 +27,9 @@ def parse_args(argv=None):
             raise DataError(f"--{name} needs a sigma >= 0, got {getattr(args, name)}")
     if not 0 <= args.skip_centre_weight <= 1:
         raise DataError(f"--skip_centre_weight needs a weight in [0, 1], got {args.skip_centre_weight}")
-    if args.skip_centre_weight < 1 and not (args.neighbours and (any(args.skip_blur) or args.skip_bm3d)):
+    if args.skip_centre_weight < 1 and not (args.neighbours and (any(args.skip_blur) or args.skip_nlm or args.skip_bm3d)):
         raise DataError("--skip_centre_weight blends the neighbours into the filter G starts from: it needs "
-                        "--neighbours K and --skip_blur or --skip_bm3d")
+                        "--neighbours K and --skip_blur, --skip_nlm or --skip_bm3d")
     if args.ssim_weight < 0:
         raise DataError(f"--ssim_weight needs a weight >= 0, got {args.ssim_weight}")
     if args.skip_nlm < 0:
@@ -107,11 +107,12 @@ def add_model_options(p):
                    help="tcfl: G starts as a Gaussian blur of these sigmas (pixels of the --lateral_bin-binned B-scans) "
                         "and learns a correction to it (models.BlurSkip); 0 0: off")
     g.add_argument("--skip_centre_weight", type=float, default=1.0, metavar="W",
-                   help="tcfl with --neighbours and --skip_blur: the blur start reads W x the B-scan + (1 - W) x the "
-                        "mean of its neighbours; 1: the B-scan alone")
+                   help="tcfl with --neighbours and --skip_blur, --skip_nlm or --skip_bm3d: the start filters W x the "
+                        "B-scan + (1 - W) x the mean of its neighbours; 1: the B-scan alone")
     g.add_argument("--skip_nlm", type=float, default=0.0, metavar="H",
                    help="tcfl: G starts as NLM.py's non-local means of strength H (8-bit grey levels, on the "
-                        "--lateral_bin-binned B-scans) and learns a correction to it (models.NLMSkip); 0: off")
+                        "--lateral_bin-binned B-scans; with --skip_centre_weight of the neighbour blend) and learns a "
+                        "correction to it (models.NLMSkip); 0: off")
     g.add_argument("--skip_bm3d", type=float, default=0.0, metavar="F",
                    help="tcfl: G starts as BM3D.py's hard-thresholding BM3D, threshold F x the noise estimate (on the "
                         "--lateral_bin-binned B-scans; with --skip_centre_weight of the neighbour blend) and learns a "

@@ -10,13 +10,14 @@ an average registered to test.tif, which favours outputs that lean on the neighb
     python bench/correction.py runs/six_s0 --classical     # also blur.py, NLM.py, BM3D.py, BM4D.py on those B-scans
 """
 import argparse
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from common import machine, save
+from common import RESULTS, machine, save
 from intensity import start_of
 
 import baselines
@@ -60,7 +61,7 @@ def score_run(run, data_root=None):
     paths = epochs_of(run)
     first, state = models.load_checkpoint(paths[0])
     if not isinstance(first.net, models.FilterSkip):
-        raise DataError(f"{paths[0]}: not a filter-start generator (--skip_blur, --skip_bm3d): it has no start to compare with")
+        raise DataError(f"{paths[0]}: not a filter-start generator (--skip_blur, --skip_nlm, --skip_bm3d): it has no start to compare with")
     samples = held_out_bscans(state, data_root)
     rows = []
     for path in tqdm([None] + paths, desc=str(run)):
@@ -105,7 +106,10 @@ def main(argv=None):
         print(f"{name} on {args.runs[0]}'s held-back B-scans: {values['psnr']:.2f} / {values['ssim']:.3f}")
     payload = {"machine": info, "runs": results, **({"classical": {"run": args.runs[0], "rows": classical}} if classical else {})}
     if not args.no_save:
-        save("correction_duke28", payload)
+        # The file gathers every run scored so far: a run scored again replaces its entry, the others stay.
+        path = RESULTS / "correction_duke28.json"
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+        save("correction_duke28", {**earlier, **payload, "runs": {**earlier.get("runs", {}), **results}})
     return payload
 
 

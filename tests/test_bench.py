@@ -1,4 +1,5 @@
 """Smoke tests: every benchmark runs end to end with tiny settings (no timing assertions)."""
+import json
 import sys
 from pathlib import Path
 
@@ -123,11 +124,41 @@ def test_blur_start_scores_what_an_untrained_generator_starts_from():
     assert payload["split"] == "test" and len(plain["per_image"]) == 8
     assert plain["vs_first"]["mean"] == 0 and blend["ahead_of_first"] == 8 and blend["vs_first"]["low"] > 0.5
     samples = blur_start.datasets.load_pairs("synthetic", split="test", synthetic_size=64)
-    alone = blur_start.start_denoiser(1.25, 4, 1)
+    alone = blur_start.start_denoiser(blur_start.parse_start("1.25,4,1"))
     first = blur_start.psnr(samples[0].clean, np.clip(alone(samples[0].noisy), 0, 1))  # copies as neighbours
     assert plain["per_image"][0] == pytest.approx(first, abs=1e-6)
     with pytest.raises(SystemExit, match="W must be in"):
         blur_start.main(["--dataset", "synthetic", "--size", "64", "--starts", "1,3,1.5", "--no_save"])
+    for bad in ("1,3", "nlm:12", "median:3,0.6", "nlm:x,0.6"):
+        with pytest.raises(SystemExit, match=f"--starts: '{bad}' is not"):
+            blur_start.parse_start(bad)
+    assert blur_start.parse_start("nlm:12,0.6") == {"skip_nlm": 12.0, "skip_centre_weight": 0.6}
+
+
+def test_blur_start_keeps_the_starts_scored_before_in_its_results_file(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(blur_start, "RESULTS", tmp_path)
+    blur_start.main(["--dataset", "synthetic", "--size", "32", "--starts", "1.25,4,1", "1.0,3,0.6"])
+    blur_start.main(["--dataset", "synthetic", "--size", "32", "--starts", "1.0,3,0.6", "1.0,2,0.6"])
+    saved = json.loads((tmp_path / "blur_start_synthetic_test.json").read_text())["starts"]
+    assert set(saved) == {"1.25,4,1", "1.0,3,0.6", "1.0,2,0.6"}
+    assert saved["1.25,4,1"]["first"] == "1.25,4,1" and saved["1.0,2,0.6"]["first"] == "1.0,3,0.6"
+
+
+def test_blur_start_scores_an_nlm_start_as_nlm_py_of_the_neighbour_blend():
+    import cv2
+    from utils import bin_laterally, context_stack
+    payload = blur_start.main(["--dataset", "synthetic", "--size", "64", "--starts", "1.0,3,0.6", "nlm:12,0.6",
+                               "--no_save"])
+    sample = blur_start.datasets.load_pairs("synthetic", split="test", synthetic_size=64)[0]
+    volume = sample.volume()
+    binned = bin_laterally(context_stack(volume, len(volume) // 2, 4), 4)
+    filtered = blur_start.baselines.nlm(0.6 * binned[0] + 0.4 * binned[1:].mean(0), 12, 7, 21, eight_bit=True)
+    filtered += (binned[0] - filtered).mean()  # the Denoiser's zero-mean noise map keeps the B-scan's mean
+    expected = cv2.resize(filtered, volume.shape[:0:-1], interpolation=cv2.INTER_LINEAR)
+    assert payload["starts"]["nlm:12,0.6"]["per_image"][0] == pytest.approx(
+        blur_start.psnr(sample.clean, np.clip(expected, 0, 1)), abs=1e-3)
 
 
 def test_intensity_calibration_finds_a_reference_flatter_than_the_output():
@@ -147,7 +178,7 @@ def test_intensity_scores_a_checkpoint_and_its_start(tmp_path, fake_duke28):
     trained = models.Denoiser(net, lateral_bin=4, zero_mean=True, neighbours=4)
     sample = intensity.datasets.load_pairs("duke28", str(root), "train")[0]
     start = intensity.start_of(trained)
-    untrained = blur_start.start_denoiser(1.0, 3, 0.6)
+    untrained = blur_start.start_denoiser(blur_start.parse_start("1.0,3,0.6"))
     np.testing.assert_allclose(start(sample.volume()), untrained(sample.volume()), atol=1e-5)
     assert np.abs(trained(sample.volume()) - start(sample.volume())).max() > 1e-3  # the correction was zeroed
     payload = intensity.main(["--data_root", str(root), "--no_bm3d", "--no_save"])
@@ -200,3 +231,17 @@ def test_correction_scores_each_epoch_and_the_start_on_the_held_back_test_bscans
                plain / "epoch_1.pth")
     with pytest.raises(SystemExit, match="not a filter-start generator"):
         correction.main([str(plain), "--no_save"])
+
+
+def test_correction_keeps_the_runs_scored_before_in_its_results_file(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(correction, "RESULTS", tmp_path)
+    rows = {"subjects": ["3"], "rows": [{"step": 0, "psnr": 28.0, "ssim": 0.68}]}
+    monkeypatch.setattr(correction, "score_run", lambda run, data_root: {**rows, "run": run})
+    monkeypatch.setattr(correction, "score_classical", lambda run, data_root: {"blur.py": {"psnr": 27.0, "ssim": 0.67}})
+    correction.main(["runs/a", "runs/b", "--classical"])
+    correction.main(["runs/b", "runs/c"])
+    saved = json.loads((tmp_path / "correction_duke28.json").read_text())
+    assert set(saved["runs"]) == {"runs/a", "runs/b", "runs/c"}
+    assert saved["classical"] == {"run": "runs/a", "rows": {"blur.py": {"psnr": 27.0, "ssim": 0.67}}}  # not scored again: kept

@@ -188,10 +188,11 @@ def test_skip_blur_options_are_checked():
         train.parse_args(["--method", "n2n", "--skip_nlm", "20"])
     with pytest.raises(DataError, match=r"--skip_centre_weight needs a weight in \[0, 1\], got 1.5"):
         train.parse_args(["--skip_centre_weight", "1.5", "--neighbours", "2", "--skip_blur", "1", "2"])
-    for missing in (["--neighbours", "2"], ["--skip_blur", "1", "2"], ["--skip_bm3d", "2.5"]):
+    for missing in (["--neighbours", "2"], ["--skip_blur", "1", "2"], ["--skip_nlm", "12"], ["--skip_bm3d", "2.5"]):
         with pytest.raises(DataError, match="--skip_centre_weight blends the neighbours into the filter G starts from"):
             train.parse_args(["--skip_centre_weight", "0.6", *missing])
-    assert train.parse_args(["--skip_centre_weight", "0.6", "--neighbours", "2", "--skip_blur", "1", "2"]).skip_centre_weight == 0.6
+    for start in (["--skip_blur", "1", "2"], ["--skip_nlm", "12"], ["--skip_bm3d", "2.5"]):
+        assert train.parse_args(["--skip_centre_weight", "0.6", "--neighbours", "2", *start]).skip_centre_weight == 0.6
 
 
 def nlm_of(image, h):
@@ -232,9 +233,11 @@ def test_the_nlm_correction_trains_and_the_checkpoint_rebuilds_the_filter(tmp_pa
                                    atol=1e-5, rtol=1e-4)
 
 
-def test_a_new_bm3d_skip_generator_denoises_each_image_as_bm3d_of_the_neighbour_blend():
+@pytest.mark.parametrize("start, reference", [({"skip_bm3d": 2.5}, lambda image: baselines.bm3d_hard_threshold(image, 2.5)),
+                                              ({"skip_nlm": 12}, lambda image: nlm_of(image, 12))])
+def test_a_numpy_filter_skip_generator_denoises_each_image_as_its_filter_of_the_neighbour_blend(start, reference):
     torch.manual_seed(0)
-    net = models.build_generator("dncnn", in_channels=3, skip_bm3d=2.5, skip_centre_weight=0.6).eval()
+    net = models.build_generator("dncnn", in_channels=3, skip_centre_weight=0.6, **start).eval()
     ramp = torch.linspace(0.2, 0.8, 40).expand(2, 3, 32, 40)
     x = (ramp + 0.05 * torch.randn(2, 3, 32, 40)).clamp(0, 1)
     with torch.no_grad():
@@ -242,24 +245,31 @@ def test_a_new_bm3d_skip_generator_denoises_each_image_as_bm3d_of_the_neighbour_
         lone = (x[:, :1] - net(x[:, :1].repeat(1, 3, 1, 1))).numpy()  # a lone B-scan: neighbours = copies
     for stack, out, alone in zip(x.numpy(), denoised[:, 0], lone[:, 0]):  # each image with its own noise estimate
         blend = 0.6 * stack[0] + 0.4 * (stack[1] + stack[2]) / 2
-        np.testing.assert_allclose(out, baselines.bm3d_hard_threshold(blend, 2.5), atol=1e-5)
-        np.testing.assert_allclose(alone, baselines.bm3d_hard_threshold(stack[0], 2.5), atol=1e-5)
+        np.testing.assert_allclose(out, reference(blend), atol=1e-5)
+        np.testing.assert_allclose(alone, reference(stack[0]), atol=1e-5)
     assert np.abs(denoised[0, 0] - x[0, 0].numpy()).mean() > 0.02  # it filtered
+    assert np.abs(reference(x[0, 0].numpy()) - denoised[0, 0]).mean() > 0.005  # the neighbours count
+
+
+def test_a_bm3d_skip_generator_without_a_centre_weight_reads_the_b_scan_alone():
+    torch.manual_seed(0)
+    x = (torch.linspace(0.2, 0.8, 40).expand(1, 3, 32, 40) + 0.05 * torch.randn(1, 3, 32, 40)).clamp(0, 1)
     single = models.build_generator("dncnn", in_channels=3, skip_bm3d=1.0).eval()
     with torch.no_grad():  # centre weight 1 (the default): the B-scan alone, here with a lower threshold
-        np.testing.assert_allclose((x[:1, :1] - single(x[:1]))[0, 0].numpy(),
+        np.testing.assert_allclose((x[:, :1] - single(x))[0, 0].numpy(),
                                    baselines.bm3d_hard_threshold(x[0, 0].numpy(), 1.0), atol=1e-5)
 
 
-def test_the_bm3d_skip_passes_the_gradient_of_the_blur_start_it_stands_in_for():
+@pytest.mark.parametrize("start", [{"skip_bm3d": 2.5}, {"skip_nlm": 12}])
+def test_a_numpy_filter_skip_passes_the_gradient_of_the_blur_start_it_stands_in_for(start):
     torch.manual_seed(0)
-    bm3d_net = models.build_generator("dncnn", in_channels=3, skip_bm3d=2.5, skip_centre_weight=0.6)
+    filter_net = models.build_generator("dncnn", in_channels=3, skip_centre_weight=0.6, **start)
     torch.manual_seed(0)
     blur_net = models.build_generator("dncnn", in_channels=3, skip_blur=(1.0, 3.0), skip_centre_weight=0.6)
     weights = torch.rand(2, 1, 32, 40)
     stack = (torch.linspace(0.2, 0.8, 40).expand(2, 3, 32, 40) + 0.05 * torch.randn(2, 3, 32, 40)).clamp(0, 1)
     grads = []
-    for net in (bm3d_net, blur_net):
+    for net in (filter_net, blur_net):
         x = stack.clone().requires_grad_()
         (net(x) * weights).sum().backward()
         grads.append(x.grad)
