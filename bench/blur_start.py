@@ -15,13 +15,12 @@ shipped recipe's start (docs/training.md) and never reads the test split.
     python bench/blur_start.py --starts 1.0,3,0.6 nlm:8,0.6 nlm:12,0.6 nlm:16,0.6 bm3d:2.5,0.6
 """
 import argparse
-import json
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import RESULTS, SHARED_DATA, machine, save
+from common import SHARED_DATA, machine, save
 
 import baselines
 import datasets
@@ -96,10 +95,7 @@ def main(argv=None):
     payload = {"machine": info, "dataset": args.dataset, "split": args.split, "ids": [s.id for s in samples],
                "blur_py": {"psnr": float(np.mean(blur)), "per_image": blur}, "starts": results}
     if not args.no_save:
-        # The file gathers every start scored so far: one scored again replaces its entry, the others stay.
-        name = f"blur_start_{args.dataset}_{args.split}"
-        earlier = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
-        save(name, {**payload, "starts": {**earlier.get("starts", {}), **results}})
+        save(f"blur_start_{args.dataset}_{args.split}", payload, gather=("starts",))  # earlier starts stay
     return payload
 
 

@@ -74,9 +74,15 @@ def bf16_probe(device, shape=(1, 1, 32, 64)):
     return seconds
 
 
-def save(name, payload):
+def save(name, payload, gather=()):
+    """bench/results/<name>.json. gather: keys of payload holding {entry: result} that collect entries over
+    calls (runs, starts): an entry scored again replaces its own, the file's others stay, as do top-level keys
+    this payload lacks."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
+    if gather and path.exists():
+        earlier = json.loads(path.read_text())
+        payload = {**earlier, **payload, **{key: {**earlier.get(key, {}), **payload[key]} for key in gather}}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"results: {path}")
     return path

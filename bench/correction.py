@@ -10,14 +10,13 @@ an average registered to test.tif, which favours outputs that lean on the neighb
     python bench/correction.py runs/six_s0 --classical     # also blur.py, NLM.py, BM3D.py, BM4D.py on those B-scans
 """
 import argparse
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from common import RESULTS, machine, save
+from common import machine, save
 from intensity import start_of
 
 import baselines
@@ -106,10 +105,7 @@ def main(argv=None):
         print(f"{name} on {args.runs[0]}'s held-back B-scans: {values['psnr']:.2f} / {values['ssim']:.3f}")
     payload = {"machine": info, "runs": results, **({"classical": {"run": args.runs[0], "rows": classical}} if classical else {})}
     if not args.no_save:
-        # The file gathers every run scored so far: a run scored again replaces its entry, the others stay.
-        path = RESULTS / "correction_duke28.json"
-        earlier = json.loads(path.read_text()) if path.exists() else {}
-        save("correction_duke28", {**earlier, **payload, "runs": {**earlier.get("runs", {}), **results}})
+        save("correction_duke28", payload, gather=("runs",))  # the runs scored before stay in the file
     return payload
 
 

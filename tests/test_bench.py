@@ -138,7 +138,6 @@ def test_blur_start_scores_what_an_untrained_generator_starts_from():
 def test_blur_start_keeps_the_starts_scored_before_in_its_results_file(tmp_path, monkeypatch):
     import common
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(blur_start, "RESULTS", tmp_path)
     blur_start.main(["--dataset", "synthetic", "--size", "32", "--starts", "1.25,4,1", "1.0,3,0.6"])
     blur_start.main(["--dataset", "synthetic", "--size", "32", "--starts", "1.0,3,0.6", "1.0,2,0.6"])
     saved = json.loads((tmp_path / "blur_start_synthetic_test.json").read_text())["starts"]
@@ -236,7 +235,6 @@ def test_correction_scores_each_epoch_and_the_start_on_the_held_back_test_bscans
 def test_correction_keeps_the_runs_scored_before_in_its_results_file(tmp_path, monkeypatch):
     import common
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(correction, "RESULTS", tmp_path)
     rows = {"subjects": ["3"], "rows": [{"step": 0, "psnr": 28.0, "ssim": 0.68}]}
     monkeypatch.setattr(correction, "score_run", lambda run, data_root: {**rows, "run": run})
     monkeypatch.setattr(correction, "score_classical", lambda run, data_root: {"blur.py": {"psnr": 27.0, "ssim": 0.67}})
