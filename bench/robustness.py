@@ -25,6 +25,7 @@ against input PSNR: numbers only, no scan, so it ships); --quick writes *_quick 
 to the git-ignored img/.
 """
 import argparse
+import json
 import dataclasses
 import functools
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ROOT, machine, save, test_samples
+from common import RESULTS, ROOT, machine, save, test_samples
 from quality import shipped_checkpoints, timed
 
 import baselines
@@ -201,6 +202,12 @@ def main(argv=None):
     args.dataset, samples = test_samples(args.dataset, args.size, args.quick, args.split)
 
     levels, results = run(make_levels(args.dataset, samples), keys, table, args.dataset, args.split)
+    name = f"robustness_{args.dataset}{'_val' if args.split == 'val' else ''}{'_quick' if args.quick else ''}"
+    earlier = RESULTS / f"{name}.json"
+    if not args.no_save and earlier.exists() and [level["name"] for level in json.loads(earlier.read_text())["levels"]] == [
+            level["name"] for level in levels]:
+        # The methods not run this time keep their rows (a method run again replaces its own).
+        results = {**json.loads(earlier.read_text())["results"], **results}
     tables = {"PSNR": markdown(levels, results, "PSNR", 2), "SSIM": markdown(levels, results, "SSIM", 3)}
     for metric, text in tables.items():
         print(f"\n{args.dataset} {args.split} split, {len(samples)} images: {metric}, mean ± std per noise level\n{text}")
@@ -208,7 +215,6 @@ def main(argv=None):
                "results": results, "markdown": tables}
     if args.no_save:
         return payload
-    name = f"robustness_{args.dataset}{'_val' if args.split == 'val' else ''}{'_quick' if args.quick else ''}"
     plot(ROOT / "img" / (f"{name}.png" if args.quick else f"readme/{name}.png"), levels, results,
          f"noise-level robustness, {args.dataset} {args.split} split ({len(samples)} images)\n{info['cpu']}, {info['cores']} cores, {info['device']}")
     save(name, payload)

@@ -106,3 +106,16 @@ def test_val_split_scores_the_validation_subjects_never_the_test_ones():
     assert payload["split"] == "val" and [s.id for s in validation] == ["9", "10"]
     assert payload["results"]["noisy input"]["k=0"]["n_images"] == 2
     assert all(cell["split"] == "val" for cell in payload["results"]["noisy input"].values())  # each cell says so
+
+
+def test_a_run_of_some_methods_keeps_the_other_rows_of_the_results_file(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(robustness, "RESULTS", tmp_path)
+    monkeypatch.setattr(robustness, "ROOT", tmp_path)  # the figure goes under tmp_path/img
+    first = robustness.main(["--dataset", "synthetic", "--quick", "--size", "48", "--methods", "noisy,blur"])
+    second = robustness.main(["--dataset", "synthetic", "--quick", "--size", "48", "--methods", "nlm,blur"])
+    assert list(second["results"]) == ["noisy input", "blur.py", "NLM.py"]  # blur.py run again, in its place
+    assert second["results"]["noisy input"] == first["results"]["noisy input"]
+    saved = (tmp_path / "robustness_synthetic_quick.json").read_text()
+    assert "NLM.py" in saved and "noisy input" in saved and (tmp_path / "img" / "robustness_synthetic_quick.png").exists()
