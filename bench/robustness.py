@@ -203,11 +203,11 @@ def main(argv=None):
 
     levels, results = run(make_levels(args.dataset, samples), keys, table, args.dataset, args.split)
     name = f"robustness_{args.dataset}{'_val' if args.split == 'val' else ''}{'_quick' if args.quick else ''}"
-    earlier = RESULTS / f"{name}.json"
-    if not args.no_save and earlier.exists() and [level["name"] for level in json.loads(earlier.read_text())["levels"]] == [
-            level["name"] for level in levels]:
+    path = RESULTS / f"{name}.json"
+    earlier = json.loads(path.read_text()) if not args.no_save and path.exists() else None
+    if earlier and [level["name"] for level in earlier["levels"]] == [level["name"] for level in levels]:
         # The methods not run this time keep their rows (a method run again replaces its own).
-        results = {**json.loads(earlier.read_text())["results"], **results}
+        results = {**earlier["results"], **results}
     tables = {"PSNR": markdown(levels, results, "PSNR", 2), "SSIM": markdown(levels, results, "SSIM", 3)}
     for metric, text in tables.items():
         print(f"\n{args.dataset} {args.split} split, {len(samples)} images: {metric}, mean ± std per noise level\n{text}")
