@@ -256,7 +256,7 @@ class NumpyFilterSkip(FilterSkip):
 
     def filtered(self, image):
         arrays = image.detach().float().cpu().numpy()
-        # bm3d releases the GIL and spends ~0.3 s per call whatever the size: one thread per core.
+        # bm3d and OpenCV's NLM release the GIL (bm3d spends ~0.3 s per call whatever the size): one thread per core.
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
             out = np.stack(list(pool.map(lambda array: self.numpy_filter(array[0]), arrays))).astype(np.float32)
         return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)

@@ -25,9 +25,9 @@ against input PSNR: numbers only, no scan, so it ships); --quick writes *_quick 
 to the git-ignored img/.
 """
 import argparse
-import json
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
