@@ -50,8 +50,9 @@ def parse_args(argv=None):
         raise DataError("--bm3d_target and --neighbour_target both name the target of G's squared-error term: give one")
     if args.bm3d_target and args.neighbours:
         raise DataError("--bm3d_target denoises single B-scans: not with --neighbours")
-    if args.neighbour_target and args.neighbours:
-        raise DataError("--neighbour_target makes the neighbour B-scans targets, --neighbours makes them inputs: give one")
+    if args.neighbour_target and args.neighbours == 1:
+        raise DataError("--neighbour_target with --neighbours holds one neighbour out of G's input as its target: "
+                        "it needs --neighbours >= 2")
     # The original WGAN's RMSprop lr suits the clipped critic; Adam with LSGAN trains at 2e-4 in
     # short runs (docs/training.md: the WGAN sweep). Filled in here so that opt.json records the value used.
     default_lr = 5e-5 if args.gan == "wgan" else 2e-4
@@ -146,7 +147,9 @@ def add_optimisation_options(p):
     g.add_argument("--neighbour_target", type=float, default=0.0, metavar="W",
                    help="tcfl, duke28: weight of a Noise2Noise term, the mean squared difference between G's clean "
                         "estimate of a training B-scan and the mean of its registered neighbour B-scans (the same "
-                        "place scanned again, their speckle independent of its); G still denoises one B-scan; 0: off")
+                        "place scanned again, their speckle independent of its); G still denoises one B-scan. With "
+                        "--neighbours K (>= 2): per stack one neighbour, at random, leaves G's input (its slot takes "
+                        "the other neighbour of its rank) and is the target, a masked Noise2Noise; 0: off")
     g.add_argument("--bm3d_target", type=float, default=0.0, metavar="W",
                    help="tcfl: weight of a distillation term, the mean squared difference between G's clean estimate "
                         "of a training B-scan and BM3D.py's output of it (computed once at start); 0: off")

@@ -93,7 +93,7 @@ def load_training_data(args, data_kind):
     denoises there; validation scores at full size."""
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
                                                        val_neighbours=args.val_neighbours,
-                                                       neighbours=4 if args.neighbour_target else args.neighbours,
+                                                       neighbours=args.neighbours or (4 if args.neighbour_target else 0),
                                                        val_subjects=args.val_subjects)
     # models.Denoiser's --noise_adapt levels: the median and the lowest over (at most ~100 of) the noisy training B-scans
     levels = [noise_sigma(image if image.ndim == 2 else image[0]) for image in noisy[::max(1, len(noisy) // 100)]]
@@ -118,7 +118,7 @@ def training_targets(args, noisy):
     B-scan's registered neighbours (--neighbour_target; noisy holds the binned stacks) or BM3D.py's output
     of it (--bm3d_target; computed once here, on the binned B-scans binned further to BM3D.py's own 4:1
     overall where --lateral_bin is finer than that)."""
-    if args.neighbour_target:
+    if args.neighbour_target and not args.neighbours:  # with --neighbours the trainer holds one out per step
         return [stack[0] for stack in noisy], [datasets.neighbour_mean(stack, f"noisy training image {i}")
                                                for i, stack in enumerate(noisy)]
     if args.bm3d_target:

@@ -362,9 +362,10 @@ class TCFLTrainer(Trainer):
             scheduler.step()
         return stats
 
-    def generator_loss(self, fakes, clean_c, noise_a, noise_b, targets=None):
+    def generator_loss(self, fakes, clean_c, noise_a, noise_b, targets=None, mask=None):
         """(total, adversarial, identity): the six fakes' GAN term + lam x identity (+ the TV, repulsion and
-        --neighbour_target / --bm3d_target terms; targets: I_A's, then I_B's target images, or None)."""
+        --neighbour_target / --bm3d_target terms; targets: I_A's, then I_B's target images, or None; mask:
+        a 0/1 weight per target image, or None for all 1)."""
         args = self.args
         with self.autocast(fakes.device):
             # Sum over the six fakes of each one's mean loss = 6 x the mean over all of them.
@@ -380,12 +381,37 @@ class TCFLTrainer(Trainer):
         if args.sigma_rep:  # push N_A away from N_B: the trivial solution makes them equal
             loss = loss + args.sigma_rep * (torch.exp(-F.l1_loss(noise_a, noise_b)) - 1)
         if targets is not None:  # Noise2Noise (a neighbour's independent speckle averages out) or BM3D.py's output
-            loss = loss + (args.neighbour_target or args.bm3d_target) * F.mse_loss(fakes[:len(targets)], targets)
+            squared = (fakes[:len(targets)] - targets) ** 2
+            if mask is not None:
+                squared = squared * mask * (len(mask) / mask.sum().clamp(min=1))
+            loss = loss + (args.neighbour_target or args.bm3d_target) * squared.mean()
         return loss, adversarial, identity
 
+    @staticmethod
+    def hold_out_neighbour(stacks):
+        """--neighbour_target with --neighbours k (a masked Noise2Noise): (stacks, targets, mask). Per stack one
+        neighbour slice, drawn at random, leaves G's input and becomes the target; its slot takes a copy of the
+        neighbour of the same rank on the other side (slots 1-2, 3-4: nearest first), so G cannot copy the
+        target and its blend still reads k slices. mask is 0 where the held-out slice is a copy of the B-scan
+        (dropped neighbours, datasets.NEIGHBOUR_DROPOUT, or fewer than k, utils.context_stack): that target
+        would be the input's own speckle."""
+        k = stacks.shape[1] - 1
+        rows = torch.arange(len(stacks), device=stacks.device)
+        held = torch.randint(1, k + 1, (len(stacks),), device=stacks.device)
+        partner = torch.where(held % 2 == 1, held + 1, held - 1)
+        partner = torch.where(partner > k, held - 1, partner)  # an odd k's last slot pairs with the one before
+        targets = stacks[rows, held][:, None]
+        mask = (~(targets == stacks[:, :1]).flatten(1).all(1)).float()[:, None, None, None]
+        stacks = stacks.clone()
+        stacks[rows, held] = stacks[rows, partner]
+        return stacks, targets, mask
+
     def generator_step(self, noisy_a, noisy_b, clean_c):
-        targets = None
-        if self.args.neighbour_target or self.args.bm3d_target:  # the data's second slice is a target, not an input
+        targets = mask = None
+        if self.args.neighbour_target and self.neighbours:  # the stacks' own neighbours, one held out as target
+            (noisy_a, target_a, mask_a), (noisy_b, target_b, mask_b) = map(self.hold_out_neighbour, (noisy_a, noisy_b))
+            targets, mask = torch.cat([target_a, target_b]), torch.cat([mask_a, mask_b])
+        elif self.args.neighbour_target or self.args.bm3d_target:  # the data's second slice is a target, not an input
             (noisy_a, target_a), (noisy_b, target_b) = noisy_a.split(1, dim=1), noisy_b.split(1, dim=1)
             targets = torch.cat([target_a, target_b])
         self.train_mode()
@@ -395,7 +421,7 @@ class TCFLTrainer(Trainer):
             fakes, (noise_a, noise_b) = self.fuse(noisy_a, noisy_b, clean_c)
         fakes = torch.cat(fakes).float()
         noise_a, noise_b = noise_a.float(), noise_b.float()
-        loss_g, adversarial, identity = self.generator_loss(fakes, clean_c, noise_a, noise_b, targets)
+        loss_g, adversarial, identity = self.generator_loss(fakes, clean_c, noise_a, noise_b, targets, mask)
         self.update(loss_g, self.opt_g)
         self.update_ema()
         self.D.requires_grad_(True)

@@ -31,10 +31,10 @@ BINS = (4, 6, 8, 10, 12, 16)
 CLASSICAL = ("blur", "nlm", "bm3d")
 
 
-def score_quietly(samples, outputs, label):
+def score_quietly(samples, outputs, label, bscans=1):
     """scoring.score without its printed table (this script prints one table of its own)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        return scoring.score(samples, outputs, label, "duke28", "val")
+        return scoring.score(samples, outputs, label, "duke28", "val", bscans=bscans)
 
 
 def main(argv=None):
@@ -61,12 +61,15 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--classical: unknown or volume method {', '.join(unknown)} (use blur, nlm, bm3d)")
     rows = {}
-    jobs = [(f"{baselines.CLASSICAL[name].name}.py", baselines.CLASSICAL[name].denoise) for name in classical]
-    jobs += [(f"{Path(args.ckpt).name} at {b}:1",
-              denoiser.replace(lateral_bin=b))
-             for b in args.bins]
-    for label, denoise in tqdm(jobs, desc="inference binning"):
-        rows[label] = score_quietly(samples, [denoise(s.noisy) for s in samples], label)
+    # The baselines read each B-scan alone; the network reads it with its neighbours where it was trained
+    # to (--neighbours; models.Denoiser takes the B-scan alone otherwise), as evaluate.py feeds it.
+    jobs = [(f"{baselines.CLASSICAL[name].name}.py", baselines.CLASSICAL[name].denoise, False) for name in classical]
+    reads = 1 + denoiser.neighbours if any(s.neighbours for s in samples) else 1
+    uses = f" (uses {reads} B-scans)" if reads > 1 else ""
+    jobs += [(f"{Path(args.ckpt).name} at {b}:1{uses}", denoiser.replace(lateral_bin=b), True) for b in args.bins]
+    for label, denoise, reads_volume in tqdm(jobs, desc="inference binning"):
+        outputs = [denoise(s.volume() if reads_volume else s.noisy) for s in samples]
+        rows[label] = score_quietly(samples, outputs, label, bscans=reads if reads_volume else 1)
     per_image = {label: {k: [r[k] for r in row["per_image"]] for k in ("PSNR", "SSIM")} for label, row in rows.items()}
     names = [f"{baselines.CLASSICAL[name].name}.py" for name in classical]
     lines = ["| method | PSNR | SSIM | " + " | ".join(f"ΔPSNR vs {n} [95 % CI]" for n in names) + " |",

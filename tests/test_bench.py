@@ -57,19 +57,30 @@ def test_grain_scores_validation_outputs_plain_and_blurred(tmp_path):
     assert [r["blur_sigma"] for r in rows] == [0.0, 1.0] and rows[1]["output_tv"] < rows[0]["output_tv"]
 
 
-@pytest.mark.skipif(not (BENCH.parent.parent / "shared" / "data" / "duke_bioptigen").is_dir(),
-                    reason="needs ../shared/data/duke_bioptigen (the real Duke scans)")
+SHARED_DUKE = BENCH.parent.parent / "shared" / "data" / "duke_bioptigen"
+
+
+@pytest.mark.skipif(not SHARED_DUKE.is_dir(), reason="needs ../shared/data/duke_bioptigen (the real Duke scans)")
 def test_inference_bin_scores_the_validation_bscans_at_each_binning():
     ckpt = BENCH.parent / "ckpt" / "tcfl_duke28_G.pth"
     payload = inference_bin.main(["--ckpt", str(ckpt), "--bins", "4", "8", "--classical", "blur", "--no_save"])
     rows = payload["rows"]
-    assert list(rows) == ["blur.py", "tcfl_duke28_G.pth at 4:1", "tcfl_duke28_G.pth at 8:1"]
+    assert list(rows) == ["blur.py", "tcfl_duke28_G.pth at 4:1 (uses 5 B-scans)", "tcfl_duke28_G.pth at 8:1 (uses 5 B-scans)"]
     assert payload["n_images"] == 10 and all(row["split"] == "val" and row["n_images"] == 10 for row in rows.values())
     assert {r["id"] for r in rows["blur.py"]["per_image"]} >= {"9", "10", "9/1.tif"}  # subjects 9-10 and neighbours
     # the paired difference is the difference of the means (same images, same order)
-    vs = rows["tcfl_duke28_G.pth at 8:1"]["vs"]["blur.py"]
-    assert vs["mean"] == pytest.approx(rows["tcfl_duke28_G.pth at 8:1"]["mean"]["PSNR"] - rows["blur.py"]["mean"]["PSNR"])
+    vs = rows["tcfl_duke28_G.pth at 8:1 (uses 5 B-scans)"]["vs"]["blur.py"]
+    assert vs["mean"] == pytest.approx(rows["tcfl_duke28_G.pth at 8:1 (uses 5 B-scans)"]["mean"]["PSNR"] - rows["blur.py"]["mean"]["PSNR"])
     assert vs["low"] <= vs["mean"] <= vs["high"]
+    # the 2.5-D checkpoint reads each B-scan with its neighbours, as evaluate.py feeds it
+    import datasets
+    import models
+    from utils import psnr
+    sample = next(s for s in datasets.load_unpaired("duke28", SHARED_DUKE, "train", val_neighbours=True)[2] if s.id == "9")
+    with_neighbours = psnr(sample.clean, models.load_checkpoint(ckpt)[0](sample.volume()))
+    row = next(r for r in rows["tcfl_duke28_G.pth at 4:1 (uses 5 B-scans)"]["per_image"] if r["id"] == "9")
+    assert row["PSNR"] == pytest.approx(with_neighbours, abs=1e-3)
+    assert rows["tcfl_duke28_G.pth at 4:1 (uses 5 B-scans)"]["bscans"] == 5 and rows["blur.py"]["bscans"] == 1
     coarse = inference_bin.main(["--ckpt", str(ckpt), "--bins", "4", "--classical", "blur", "--decimate", "2", "--no_save"])
     assert coarse["decimate"] == 2 and coarse["rows"]["blur.py"]["n_images"] == 10
     assert coarse["rows"]["blur.py"]["mean"]["PSNR"] != rows["blur.py"]["mean"]["PSNR"]  # other images: every 2nd A-scan
