@@ -42,7 +42,7 @@ def main(argv=None):
                                          state.get("args"))
     if args.lateral_bin is not None:
         denoiser = denoiser.replace(lateral_bin=args.lateral_bin, noise_sigma=None)
-    outputs = [denoiser(s.noisy) for s in samples]
+    outputs = [denoiser(s.volume()) for s in samples]  # a --neighbours network reads them; others take the B-scan
     rows = []
     for sigma in [0.0, *args.sigmas]:
         blurred = [cv2.GaussianBlur(o, (0, 0), sigma) if sigma else o for o in outputs]

@@ -57,6 +57,25 @@ def test_grain_scores_validation_outputs_plain_and_blurred(tmp_path):
     assert [r["blur_sigma"] for r in rows] == [0.0, 1.0] and rows[1]["output_tv"] < rows[0]["output_tv"]
 
 
+def test_grain_feeds_a_neighbours_checkpoint_its_volume(tmp_path):
+    import torch
+    import models
+    torch.manual_seed(0)
+    path = tmp_path / "g5.pth"
+    torch.save({"generator": models.build_generator("dncnn", in_channels=5).state_dict(), "backbone": "dncnn",
+                "method": "tcfl", "args": {"lateral_bin": 2, "neighbours": 4}}, path)
+    seen = []
+    real_call = models.Denoiser.__call__
+
+    def spy(self, image, centre=None):
+        seen.append(np.asarray(image).shape)
+        return real_call(self, image, centre)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models.Denoiser, "__call__", spy)
+        grain.main(["--ckpt", str(path), "--dataset", "synthetic", "--sigmas", "1.0", "--no_save"])
+    assert seen and all(shape[0] == 5 and len(shape) == 3 for shape in seen)  # the B-scan and its 4 neighbours
+
+
 SHARED_DUKE = BENCH.parent.parent / "shared" / "data" / "duke_bioptigen"
 
 
