@@ -245,11 +245,14 @@ class NumpyFilterSkip(FilterSkip):
     """FilterSkip over a classical filter that runs in NumPy on the CPU (`numpy_filter`: one 2-D float32 image
     in, one out) and has no gradient: the backward pass takes a Gaussian's (sigmas `surrogate`, the shipped
     blur start's) in its place, so a pseudo-noisy input's gradient still reaches the earlier estimates
-    through a smoothing of it. With centre_weight < 1 it reads the neighbour blend, as BlurSkip does."""
+    through a smoothing of it. With centre_weight < 1 it reads the neighbour blend, as BlurSkip does.
+    blur_share > 0 (--skip_blur_share) mixes that Gaussian into the start: blur_share x it + (1 - blur_share) x
+    the filter (the Gaussian keeps PSNR where the filter keeps SSIM; docs/training.md)."""
 
-    def __init__(self, net, centre_weight=1.0, surrogate=(1.0, 3.0)):
+    def __init__(self, net, centre_weight=1.0, surrogate=(1.0, 3.0), blur_share=0.0):
         super().__init__(net, centre_weight)
         self.register_taps(*surrogate)
+        self.blur_share = float(blur_share)
 
     def numpy_filter(self, array):
         raise NotImplementedError
@@ -262,18 +265,19 @@ class NumpyFilterSkip(FilterSkip):
         return torch.from_numpy(out)[:, None].to(device=image.device, dtype=image.dtype)
 
     def filter(self, image):
-        if not torch.is_grad_enabled() or not image.requires_grad:
+        """blur_share x the Gaussian + (1 - blur_share) x the filter forward, the Gaussian's gradient backward."""
+        if not self.blur_share and not (torch.is_grad_enabled() and image.requires_grad):
             return self.filtered(image)
         blurred = separable_blur(image, self.taps_axial, self.taps_lateral)
-        return blurred + (self.filtered(image) - blurred).detach()  # the filter forward, the Gaussian's gradient
+        return blurred + (1 - self.blur_share) * (self.filtered(image) - blurred).detach()
 
 
 class NLMSkip(NumpyFilterSkip):
     """NumpyFilterSkip over non-local means (--skip_nlm H): NLM.py's filter (OpenCV's fastNlMeansDenoising,
     8-bit path, NLM.py's patch and search windows) with strength h."""
 
-    def __init__(self, net, h, centre_weight=1.0):
-        super().__init__(net, centre_weight)
+    def __init__(self, net, h, centre_weight=1.0, blur_share=0.0):
+        super().__init__(net, centre_weight, blur_share=blur_share)
         self.h = float(h)
 
     def numpy_filter(self, array):
@@ -284,17 +288,19 @@ class BM3DSkip(NumpyFilterSkip):
     """NumpyFilterSkip over BM3D (--skip_bm3d F): BM3D.py's hard-thresholding stage with the threshold F x the
     wavelet noise estimate of each image of the batch (F = BM3D.py's sigma_factor)."""
 
-    def __init__(self, net, sigma_factor, centre_weight=1.0):
-        super().__init__(net, centre_weight)
+    def __init__(self, net, sigma_factor, centre_weight=1.0, blur_share=0.0):
+        super().__init__(net, centre_weight, blur_share=blur_share)
         self.sigma_factor = float(sigma_factor)
 
     def numpy_filter(self, array):
         return baselines.bm3d_hard_threshold(array, self.sigma_factor)
 
 
-def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0, skip_bm3d=0.0):
+def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0, skip_bm3d=0.0,
+                    skip_blur_share=0.0):
     """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip; skip_nlm (h > 0): in NLMSkip;
-    skip_bm3d (sigma factor > 0): in BM3DSkip. skip_centre_weight: the start's centre_weight (FilterSkip)."""
+    skip_bm3d (sigma factor > 0): in BM3DSkip. skip_centre_weight: the start's centre_weight (FilterSkip);
+    skip_blur_share: the Gaussian's share of an NLM or BM3D start (NumpyFilterSkip)."""
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
     model = GENERATORS[backbone](in_channels=in_channels)
@@ -304,9 +310,9 @@ def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0,
     if any(skip_blur):
         model = BlurSkip(model, *skip_blur, centre_weight=skip_centre_weight)
     if skip_nlm:
-        model = NLMSkip(model, skip_nlm, centre_weight=skip_centre_weight)
+        model = NLMSkip(model, skip_nlm, centre_weight=skip_centre_weight, blur_share=skip_blur_share)
     if skip_bm3d:
-        model = BM3DSkip(model, skip_bm3d, centre_weight=skip_centre_weight)
+        model = BM3DSkip(model, skip_bm3d, centre_weight=skip_centre_weight, blur_share=skip_blur_share)
     if in_channels > 1:
         # The neighbours' input weights start at zero: G starts as the single-B-scan network and learns
         # to use the neighbours from there (random ones slowed the first 200 steps: docs/training.md).
@@ -694,7 +700,8 @@ def build_denoiser(method, backbone, args=None):
     if method == "tcfl":
         return build_generator(backbone, in_channels=1 + args.get("neighbours", 0),
                                skip_blur=args.get("skip_blur") or (0.0, 0.0), skip_nlm=args.get("skip_nlm", 0.0),
-                               skip_centre_weight=args.get("skip_centre_weight", 1.0), skip_bm3d=args.get("skip_bm3d", 0.0))
+                               skip_centre_weight=args.get("skip_centre_weight", 1.0), skip_bm3d=args.get("skip_bm3d", 0.0),
+                               skip_blur_share=args.get("skip_blur_share", 0.0))
     if method == "n2n":
         return build_generator(backbone)
     if method == "r2r":

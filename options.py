@@ -36,6 +36,10 @@ def parse_args(argv=None):
         raise DataError(f"--skip_nlm needs h >= 0, got {args.skip_nlm}")
     if args.skip_bm3d < 0:
         raise DataError(f"--skip_bm3d needs a sigma factor >= 0, got {args.skip_bm3d}")
+    if not 0 <= args.skip_blur_share < 1:
+        raise DataError(f"--skip_blur_share needs a share in [0, 1), got {args.skip_blur_share}")
+    if args.skip_blur_share and not (args.skip_nlm or args.skip_bm3d):
+        raise DataError("--skip_blur_share mixes the Gaussian into an NLM or BM3D start: it needs --skip_nlm or --skip_bm3d")
     if sum(map(bool, (any(args.skip_blur), args.skip_nlm, args.skip_bm3d))) > 1:
         raise DataError("--skip_blur, --skip_nlm and --skip_bm3d each name the filter G starts from: give one")
     if args.val_subjects and args.dataset != "duke28":
@@ -118,6 +122,9 @@ def add_model_options(p):
                    help="tcfl: G starts as BM3D.py's hard-thresholding BM3D, threshold F x the noise estimate (on the "
                         "--lateral_bin-binned B-scans; with --skip_centre_weight of the neighbour blend) and learns a "
                         "correction to it (models.BM3DSkip); 0: off")
+    g.add_argument("--skip_blur_share", type=float, default=0.0, metavar="S",
+                   help="tcfl with --skip_nlm or --skip_bm3d: the start is S x the Gaussian of the shipped blur start "
+                        "(1.0 x 3 px) + (1 - S) x that filter, both of the same blend; 0: the filter alone")
 
 
 def add_optimisation_options(p):

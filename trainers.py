@@ -34,8 +34,8 @@ from utils import DataError, use_bf16
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                   "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm",
-                  "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur", "neighbour_target", "bm3d_target", "ssim_weight",
-                  "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "skip_centre_weight", "skip_bm3d", "skip_blur_share", "d_blur", "real_blur", "neighbour_target",
+                  "bm3d_target", "ssim_weight", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -262,14 +262,14 @@ class TCFLTrainer(Trainer):
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                        "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours",
-                       "skip_blur", "skip_nlm", "skip_centre_weight", "skip_bm3d", "d_blur", "real_blur",
+                       "skip_blur", "skip_nlm", "skip_centre_weight", "skip_bm3d", "skip_blur_share", "d_blur", "real_blur",
                        "neighbour_target", "bm3d_target", "ssim_weight"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
         generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours,
                                                         skip_blur=args.skip_blur, skip_nlm=args.skip_nlm,
                                                         skip_centre_weight=args.skip_centre_weight,
-                                                        skip_bm3d=args.skip_bm3d)
+                                                        skip_bm3d=args.skip_bm3d, skip_blur_share=args.skip_blur_share)
         generator = generator.to(device)
         discriminator = (discriminator or models.build_discriminator()).to(device)
         if args.sync_bn and torch.distributed.is_initialized():

@@ -4,7 +4,8 @@ denoises as its start filter alone) on the train subjects' B-scans, for each sta
 A start AXIAL,LATERAL,W is (--skip_blur AXIAL LATERAL, --skip_centre_weight W): the Gaussian (sigmas in
 pixels of the 4:1 B-scans) of W x the B-scan + (1 - W) x the mean of its 4 registered neighbours; W = 1
 reads the B-scan alone, the single-B-scan recipe's start. nlm:H,W and bm3d:F,W filter the same blend with
-NLM.py's non-local means of strength H (--skip_nlm) or BM3D.py's BM3D with threshold factor F (--skip_bm3d).
+NLM.py's non-local means of strength H (--skip_nlm) or BM3D.py's BM3D with threshold factor F (--skip_bm3d);
+nlm:H,W,S and bm3d:F,W,S mix S x the Gaussian 1.0 x 3 of the blend into that filter (--skip_blur_share S).
 Each start is scored as a trained checkpoint is (4:1,
 zero-mean noise map), on the subjects' test.tif B-scans against their averages, with the mean paired
 difference to the first start and to blur.py. It measures what training starts from; it chose the
@@ -13,6 +14,7 @@ shipped recipe's start (docs/training.md) and never reads the test split.
     python bench/blur_start.py                              # duke28 train subjects 1-10
     python bench/blur_start.py --starts 1.25,4,1 1.0,3,0.6  # AXIAL,LATERAL,W each
     python bench/blur_start.py --starts 1.0,3,0.6 nlm:8,0.6 nlm:12,0.6 nlm:16,0.6 bm3d:2.5,0.6
+    python bench/blur_start.py --starts 1.0,3,0.6 nlm:12,0.6,0.3 nlm:12,0.5,0.3 nlm:10,0.6,0.3 nlm:14,0.6,0.3
 """
 import argparse
 
@@ -40,20 +42,24 @@ def start_denoiser(start, neighbours=4, lateral_bin=4):
 
 
 def parse_start(text):
-    """'AXIAL,LATERAL,W', 'nlm:H,W' or 'bm3d:F,W' -> build_generator's start options."""
+    """'AXIAL,LATERAL,W', 'nlm:H,W[,S]' or 'bm3d:F,W[,S]' -> build_generator's start options."""
     kind, _, values = text.rpartition(":")
-    shape = {"": "AXIAL,LATERAL,W (e.g. 1.0,3,0.6)", "nlm": "nlm:H,W (e.g. nlm:12,0.6)", "bm3d": "bm3d:F,W"}
+    shape = {"": "AXIAL,LATERAL,W (e.g. 1.0,3,0.6)", "nlm": "nlm:H,W[,S] (e.g. nlm:12,0.6)", "bm3d": "bm3d:F,W[,S]"}
     try:
         numbers = [float(value) for value in values.split(",")]
-        if kind not in shape or len(numbers) != (3 if kind == "" else 2):
+        if kind not in shape or len(numbers) not in ((3,) if kind == "" else (2, 3)):
             raise ValueError
     except ValueError:
         raise SystemExit(f"--starts: '{text}' is not {' or '.join(shape.values())}") from None
-    weight = numbers[-1]
+    weight = numbers[-1] if kind == "" else numbers[1]
     if not 0 <= weight <= 1:
         raise SystemExit(f"--starts: '{text}': W must be in [0, 1]")
-    filters = {"": {"skip_blur": tuple(numbers[:2])}, "nlm": {"skip_nlm": numbers[0]}, "bm3d": {"skip_bm3d": numbers[0]}}
-    return {**filters[kind], "skip_centre_weight": weight}
+    if kind == "":
+        return {"skip_blur": tuple(numbers[:2]), "skip_centre_weight": weight}
+    share = {"skip_blur_share": numbers[2]} if len(numbers) == 3 else {}
+    if share and not 0 <= numbers[2] < 1:
+        raise SystemExit(f"--starts: '{text}': S must be in [0, 1)")
+    return {("skip_nlm" if kind == "nlm" else "skip_bm3d"): numbers[0], "skip_centre_weight": weight, **share}
 
 
 def main(argv=None):

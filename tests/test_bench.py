@@ -159,10 +159,13 @@ def test_blur_start_scores_what_an_untrained_generator_starts_from():
     assert plain["per_image"][0] == pytest.approx(first, abs=1e-6)
     with pytest.raises(SystemExit, match="W must be in"):
         blur_start.main(["--dataset", "synthetic", "--size", "64", "--starts", "1,3,1.5", "--no_save"])
-    for bad in ("1,3", "nlm:12", "median:3,0.6", "nlm:x,0.6"):
+    for bad in ("1,3", "nlm:12", "median:3,0.6", "nlm:x,0.6", "nlm:12,0.6,0.3,1"):
         with pytest.raises(SystemExit, match=f"--starts: '{bad}' is not"):
             blur_start.parse_start(bad)
     assert blur_start.parse_start("nlm:12,0.6") == {"skip_nlm": 12.0, "skip_centre_weight": 0.6}
+    assert blur_start.parse_start("bm3d:2.5,0.5,0.3") == {"skip_bm3d": 2.5, "skip_centre_weight": 0.5, "skip_blur_share": 0.3}
+    with pytest.raises(SystemExit, match="S must be in"):
+        blur_start.parse_start("nlm:12,0.6,1")
 
 
 def test_blur_start_keeps_the_starts_scored_before_in_its_results_file(tmp_path, monkeypatch):

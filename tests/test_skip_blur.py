@@ -193,6 +193,12 @@ def test_skip_blur_options_are_checked():
             train.parse_args(["--skip_centre_weight", "0.6", *missing])
     for start in (["--skip_blur", "1", "2"], ["--skip_nlm", "12"], ["--skip_bm3d", "2.5"]):
         assert train.parse_args(["--skip_centre_weight", "0.6", "--neighbours", "2", *start]).skip_centre_weight == 0.6
+    for share in ("-0.1", "1"):
+        with pytest.raises(DataError, match=rf"--skip_blur_share needs a share in \[0, 1\), got {float(share)}"):
+            train.parse_args(["--skip_nlm", "12", "--skip_blur_share", share])
+    for start in ([], ["--skip_blur", "1", "3"]):
+        with pytest.raises(DataError, match="--skip_blur_share mixes the Gaussian into an NLM or BM3D start"):
+            train.parse_args(["--skip_blur_share", "0.3", *start])
 
 
 def nlm_of(image, h):
@@ -337,3 +343,31 @@ def test_the_critic_blurs_are_checked(name):
         train.parse_args([f"--{name}", "-1"])
     with pytest.raises(DataError, match=f"does not read --{name}"):
         train.parse_args(["--method", "cncl", f"--{name}", "1"])
+
+
+@pytest.mark.parametrize("start", [{"skip_bm3d": 2.5}, {"skip_nlm": 12}])
+def test_a_blur_share_mixes_the_blur_start_into_the_filter_forward_and_keeps_its_gradient(start):
+    stack = (torch.linspace(0.2, 0.8, 40).expand(2, 3, 32, 40) + 0.05 * torch.randn(2, 3, 32, 40)).clamp(0, 1)
+    nets = {}
+    for name, options in (("mix", {**start, "skip_blur_share": 0.3}), ("filter", start), ("blur", {"skip_blur": (1.0, 3.0)})):
+        torch.manual_seed(0)
+        nets[name] = models.build_generator("dncnn", in_channels=3, skip_centre_weight=0.6, **options).eval()
+    with torch.no_grad():
+        out = {name: stack[:, :1] - net(stack) for name, net in nets.items()}
+    torch.testing.assert_close(out["mix"], 0.3 * out["blur"] + 0.7 * out["filter"], atol=1e-6, rtol=0)
+    assert (out["mix"] - out["filter"]).abs().mean() > 1e-3  # the share counts
+    weights = torch.rand(2, 1, 32, 40)
+    grads = []
+    for name in ("mix", "blur"):
+        x = stack.clone().requires_grad_()
+        (nets[name].train()(x) * weights).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_checkpoint_rebuilds_the_blur_share(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    train.main(["--patch_size", "32", "--batch_size", "2", "--epoch_size", "2", "--niter", "1", "--n_val", "1",
+                "--skip_nlm", "15", "--skip_blur_share", "0.25", "--ckpt_dir", str(ckpt), "--img_dir", str(tmp_path / "img")])
+    denoiser = models.load_checkpoint(ckpt / "epoch_1.pth")[0]
+    assert isinstance(denoiser.net, models.NLMSkip) and denoiser.net.blur_share == 0.25
