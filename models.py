@@ -420,7 +420,7 @@ class Denoiser:
         self.net, self.lateral_bin, self.zero_mean = net, check_lateral_bin(lateral_bin), zero_mean
         self.ensemble, self.tile, self.bf16, self.noise_sigma = ensemble, tile, bf16, noise_sigma
         self.neighbours, self.lone_blur, self.quiet_sigma = neighbours, lone_blur, quiet_sigma
-        self.last_gain = self.last_start_scale = 1.0
+        self.last_gain = self.last_lone_gain = self.last_start_scale = 1.0
 
     def replace(self, **changes):
         """A Denoiser of the same net with these settings changed and every other one kept."""
@@ -434,6 +434,15 @@ class Denoiser:
         if not self.noise_sigma:
             return 1.0
         return min(1.0, self.noise_sigma / max(level, 1e-6))
+
+    def lone_gain(self, lone):
+        """A lone B-scan read by an NLM or BM3D start (NumpyFilterSkip) with neighbours is its own blend, 1 /
+        blend_noise times noisier than the blend that start filtered in training, whatever its level: its
+        contrast is compressed by blend_noise as well, as such a filter, unlike a Gaussian, does not smooth
+        more for noisier input (docs/training.md, "The shipped start"). 1 otherwise."""
+        if lone and self.neighbours and isinstance(self.net, NumpyFilterSkip):
+            return self.net.blend_noise(self.neighbours)
+        return 1.0
 
     def start_scale(self, stack, centre_level, lone=False):
         """The factor on a BlurSkip start's sigmas for the B-scans `stack` (full size; centre_level: its first's
@@ -475,12 +484,13 @@ class Denoiser:
         centre = len(slices) // 2 if centre is None else centre
         stack = context_stack(slices, centre, self.neighbours)
         centre_level = noise_sigma(stack[0]) if self.noise_sigma else None  # --noise_adapt's, both ways
-        gain = self.last_gain = self.gain(centre_level)
+        alone = len(slices) == 1
+        self.last_gain, self.last_lone_gain = self.gain(centre_level), self.lone_gain(alone)
+        gain = self.last_gain * self.last_lone_gain
 
         def at_scale(small):
             x = torch.from_numpy(np.ascontiguousarray(small, np.float32))[None].to(device)
             return self.denoise_tensor(x, gain)[0, 0].cpu().numpy()
-        alone = len(slices) == 1
         scale = self.last_start_scale = self.start_scale(stack, centre_level, lone=alone)
         own = getattr(self.net, "sigmas", None)  # a BlurSkip start's; None: no blur start
         sigmas = self.lone_blur if alone and self.neighbours and self.lone_blur else own

@@ -128,6 +128,33 @@ def test_noise_adapt_sees_a_noisier_bscan_at_the_training_contrast():
     np.testing.assert_array_equal(adapting(quieter), plain(quieter))  # quieter: unchanged
 
 
+@pytest.mark.parametrize("start, lone_is_compressed", [({"skip_nlm": 12}, True), ({"skip_bm3d": 2.5}, True),
+                                                         ({"skip_blur": (1.0, 3.0)}, False)])
+def test_a_lone_bscan_meets_a_numpy_filter_start_at_the_blends_noise_level(start, lone_is_compressed):
+    # Trained on the blend of 5 B-scans (noise x blend_noise), an NLM or BM3D start sees a lone B-scan's
+    # contrast compressed by blend_noise, whatever its level; a blur start is linear: gain 1 here.
+    torch.manual_seed(0)
+    net = models.build_generator("dncnn", in_channels=5, skip_centre_weight=0.6, **start).eval()
+    image = speckled()
+    level = utils.noise_sigma(image)
+    denoiser = models.Denoiser(net, zero_mean=True, noise_sigma=level, neighbours=4)
+    seen = []
+    real = denoiser.denoise_tensor
+    denoiser.denoise_tensor = lambda x, gain=1.0: seen.append(gain) or real(x, gain)
+    denoiser(image)
+    blend = net.blend_noise(4)
+    assert blend == pytest.approx(np.sqrt(0.6 ** 2 + 0.4 ** 2 / 4))
+    assert seen[-1] == pytest.approx(blend if lone_is_compressed else 1.0, rel=1e-6)
+    assert denoiser.last_gain == 1.0  # at the training level: no noise adaptation to report
+    denoiser(np.stack([image] * 3 + [speckled(seed=1)] * 2))  # with neighbours: the training level
+    assert seen[-1] == 1.0
+    for noise_sigma in (4 * level, None):  # a lone B-scan 4x quieter than the training scans, or no noise_adapt
+        quiet = denoiser.replace(noise_sigma=noise_sigma)
+        quiet.denoise_tensor = lambda x, gain=1.0: seen.append(gain) or real(x, gain)
+        quiet(image)
+        assert seen[-1] == pytest.approx(blend if lone_is_compressed else 1.0, rel=1e-6)  # still its own blend
+
+
 @pytest.mark.skipif(not DUKE.is_dir(), reason="needs ../shared/data/duke_bioptigen (the real Duke scans)")
 def test_shipped_checkpoint_records_its_training_scans_noise_level():
     import datasets
@@ -137,8 +164,9 @@ def test_shipped_checkpoint_records_its_training_scans_noise_level():
     median = np.median([utils.noise_sigma(x) for x in noisy])  # full size, as train.py records it
     assert len(noisy) == 40 and denoiser.noise_sigma == pytest.approx(median, rel=1e-6)
     assert denoiser.quiet_sigma == pytest.approx(min(utils.noise_sigma(x) for x in noisy), rel=1e-6)
-    # trained and denoising binned 4:1, reading 4 neighbours, starting from the blended blur (docs/training.md)
-    assert args["lateral_bin"] == 4 and denoiser.lateral_bin == 4 and args["skip_blur"] == [1.0, 3.0]
+    # trained and denoising binned 4:1, reading 4 neighbours, starting from NLM + 0.3 x the blur of the blend
+    assert args["lateral_bin"] == 4 and denoiser.lateral_bin == 4 and args["skip_nlm"] == 12.0
+    assert isinstance(denoiser.net, models.NLMSkip) and denoiser.net.blur_share == 0.3
     assert denoiser.neighbours == 4 and args["skip_centre_weight"] == 0.6
 
 
