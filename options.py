@@ -123,8 +123,8 @@ def add_model_options(p):
                         "--lateral_bin-binned B-scans; with --skip_centre_weight of the neighbour blend) and learns a "
                         "correction to it (models.BM3DSkip); 0: off")
     g.add_argument("--skip_blur_share", type=float, default=0.0, metavar="S",
-                   help="tcfl with --skip_nlm or --skip_bm3d: the start is S x the Gaussian of the shipped blur start "
-                        "(1.0 x 3 px) + (1 - S) x that filter, both of the same blend; 0: the filter alone")
+                   help="tcfl with --skip_nlm or --skip_bm3d: the start is S x the Gaussian 1.0 x 3 px (pixels of the "
+                        "binned B-scans) + (1 - S) x that filter, both of the same blend; 0: the filter alone")
 
 
 def add_optimisation_options(p):
