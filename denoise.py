@@ -108,7 +108,7 @@ def main(argv=None):
         raise DataError("two inputs share a file name, so their outputs would collide; denoise them separately")
     denoise = make_denoiser(args)
 
-    failed, bscans, gains, scales, start = [], 0, [], [], time.perf_counter()
+    failed, bscans, gains, scales, lone, start = [], 0, [], [], [], time.perf_counter()
     for path in tqdm(files, desc="files", disable=len(files) == 1):
         try:
             images, dtype, is_stack = read_slices(path)
@@ -119,6 +119,7 @@ def main(argv=None):
                 outputs.append(denoise(image) if volume is None else denoise(volume, centre=i))
                 gains.append(getattr(denoise, "last_gain", 1.0))  # models.Denoiser's --noise_adapt
                 scales.append(getattr(denoise, "last_start_scale", 1.0))
+                lone.append(getattr(denoise, "last_lone_gain", 1.0))
             write_slices(out_dir / path.name, outputs, dtype, is_stack)
             bscans += len(outputs)
         except DataError as error:
@@ -135,6 +136,10 @@ def main(argv=None):
     if narrowed:
         print(f"noise adaptation: {len(narrowed)} of {len(scales)} B-scan(s) from a scan quieter than the training scans, "
               f"the blur start's width x{min(narrowed):.2f}-x{max(narrowed):.2f} (--no-noise_adapt: off)")
+    alone = [g for g in lone if g < 1]
+    if alone:
+        print(f"lone B-scans: {len(alone)} of {len(lone)} read without neighbours, as their own blend: contrast "
+              f"compressed x{min(alone):.2f} more for the network's NLM or BM3D start")
     if failed:
         print(f"failed ({len(failed)}): " + ", ".join(failed))
         return 1

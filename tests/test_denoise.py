@@ -229,3 +229,21 @@ def test_a_neighbours_checkpoint_reads_each_page_with_its_nearest_pages(tmp_path
     for page in range(4):
         assert np.abs(out[page] - denoiser(volume, centre=page)).max() <= 1 / 255
     assert np.abs(out[0] - denoiser(volume[0])).max() > 2 / 255  # not the page alone
+
+
+def test_a_lone_bscan_for_an_nlm_start_is_reported_as_its_own_blend(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "nlm.pth"
+    generator = models.build_generator("dncnn", in_channels=5, skip_nlm=12, skip_centre_weight=0.6)
+    torch.save({"generator": generator.state_dict(), "backbone": "dncnn", "method": "tcfl",
+                "args": {"skip_nlm": 12.0, "skip_centre_weight": 0.6, "neighbours": 4},
+                "inference": {"lateral_bin": 1, "zero_mean": True, "neighbours": 4}}, path)
+    src = tmp_path / "in" / "scan.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, (speckle((32, 48)) * 255).astype(np.uint8))
+    assert run([src], tmp_path / "out", path) == 0
+    assert "lone B-scans: 1 of 1 read without neighbours, as their own blend: contrast compressed x0.63" in capsys.readouterr().out
+    stack = src.parent / "stack.tif"
+    tifffile.imwrite(stack, (speckle((3, 32, 48)) * 255).astype(np.uint8), photometric="minisblack")
+    assert run([stack], tmp_path / "out_stack", path) == 0
+    assert "lone B-scans" not in capsys.readouterr().out  # pages of a stack read their neighbours
