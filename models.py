@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import baselines
-from utils import DataError, at_lateral_scale, check_lateral_bin, context_stack, noise_sigma, resolve_device, use_bf16
+from utils import (DataError, at_lateral_scale, bin_laterally, check_lateral_bin, context_stack, noise_sigma, resolve_device,
+                   use_bf16)
 
 
 def init_weights(module):
@@ -390,13 +391,17 @@ class Denoiser:
         neighbours takes for a lone B-scan (no neighbours: copies of itself) in place of its own blend's
         Gaussian, which was chosen for the quieter blend of 5 B-scans (None: its own). Recorded in the checkpoint.
     tile, bf16: see predict_noise.
-    noise_sigma: the training scans' noise level, estimated at full size (train.py records it; None: off).
-        A B-scan noisier than that is fed to the net with its contrast compressed about its mean by
+    noise_sigma: the training scans' noise level, estimated on them binned noise_bin:1 laterally (train.py records
+        both; None: off). A B-scan, binned alike, noisier than that is fed to the net with its contrast compressed about its mean by
         gain = noise_sigma / its own noise estimate, and the net's noise estimate is expanded back
         by 1 / gain: the net sees speckle of the strength it learned, as BM3D.py's threshold follows
         its noise estimate. Quieter B-scans keep their contrast (see quiet_sigma): expanding it instead measured
         -0.42 to +0.16 dB on the synthetic validation phantoms (quieter than the training scans) and
         -0.05 to +0.05 on the Duke validation B-scans (docs/training.md). `last_gain`: the latest B-scan's.
+    noise_bin: the lateral binning the noise levels are estimated at (train.py: its --lateral_bin, the scale the
+        net denoises at; 1, full size, for checkpoints written before it recorded one). The wavelet estimate reads
+        the finest scale, so at full size it misses speckle coarser than a pixel that the binned B-scan puts in
+        the net's way (synthetic validation phantoms at s = 1.5: 27.65 dB estimated at full size, 30.30 at 4:1).
     quiet_sigma: the quietest training scan's noise level (train.py records it; None: noise_sigma). With
         noise_sigma set, a BlurSkip generator's start narrows for a scan quieter than that: the Gaussian's
         sigmas x (level / quiet_sigma) ** QUIET_EXPONENT, level = the median noise estimate of the B-scans it
@@ -407,7 +412,7 @@ class Denoiser:
     """
 
     def __init__(self, net, lateral_bin=1, zero_mean=False, ensemble=None, tile=512, bf16=False, noise_sigma=None,
-                 neighbours=0, lone_blur=None, quiet_sigma=None):
+                 neighbours=0, lone_blur=None, quiet_sigma=None, noise_bin=1):
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble}")
         if lone_blur is not None:
@@ -420,17 +425,22 @@ class Denoiser:
         self.net, self.lateral_bin, self.zero_mean = net, check_lateral_bin(lateral_bin), zero_mean
         self.ensemble, self.tile, self.bf16, self.noise_sigma = ensemble, tile, bf16, noise_sigma
         self.neighbours, self.lone_blur, self.quiet_sigma = neighbours, lone_blur, quiet_sigma
+        self.noise_bin = check_lateral_bin(noise_bin)
         self.last_gain = self.last_lone_gain = self.last_start_scale = 1.0
 
     def replace(self, **changes):
         """A Denoiser of the same net with these settings changed and every other one kept."""
         settings = {name: getattr(self, name) for name in
                     ("lateral_bin", "zero_mean", "ensemble", "tile", "bf16", "noise_sigma", "neighbours", "lone_blur",
-                     "quiet_sigma")}
+                     "quiet_sigma", "noise_bin")}
         return Denoiser(self.net, **{**settings, **changes})
 
+    def level(self, image):
+        """The noise estimate of a full-size 2-D B-scan, at the scale the training levels were estimated (noise_bin)."""
+        return noise_sigma(bin_laterally(image, self.noise_bin))
+
     def gain(self, level):
-        """noise_sigma / `level`, the noise estimate of the full-size 2-D B-scan, at most 1 (class docstring)."""
+        """noise_sigma / `level`, the B-scan's noise estimate (level()), at most 1 (class docstring)."""
         if not self.noise_sigma:
             return 1.0
         return min(1.0, self.noise_sigma / max(level, 1e-6))
@@ -451,7 +461,7 @@ class Denoiser:
         own blend, so it compares with that."""
         if not (self.noise_sigma and isinstance(self.net, BlurSkip)):
             return 1.0
-        levels = [centre_level] if lone else [centre_level] + [noise_sigma(image) for image in stack[1:]]
+        levels = [centre_level] if lone else [centre_level] + [self.level(image) for image in stack[1:]]
         level = float(np.median(levels))
         reference = (self.quiet_sigma or self.noise_sigma) * (self.net.blend_noise(self.neighbours) if lone else 1.0)
         return min(1.0, level / reference) ** QUIET_EXPONENT
@@ -483,7 +493,7 @@ class Denoiser:
         slices = image if image.ndim == 3 else image[None]
         centre = len(slices) // 2 if centre is None else centre
         stack = context_stack(slices, centre, self.neighbours)
-        centre_level = noise_sigma(stack[0]) if self.noise_sigma else None  # --noise_adapt's, both ways
+        centre_level = self.level(stack[0]) if self.noise_sigma else None  # --noise_adapt's, both ways
         alone = len(slices) == 1
         self.last_gain, self.last_lone_gain = self.gain(centre_level), self.lone_gain(alone)
         gain = self.last_gain * self.last_lone_gain

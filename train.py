@@ -89,17 +89,19 @@ def prepare_output(args, master):
 
 def load_training_data(args, data_kind):
     """(dataset of triplets or registered pairs, the noisy training images, validation pairs, the noisy images'
-    median noise level at full size), all laterally binned by --lateral_bin: G learns at the binned scale and
+    noise levels), all laterally binned by --lateral_bin: G learns at the binned scale and
     denoises there; validation scores at full size."""
     noisy, clean, val_samples = datasets.load_unpaired(args.dataset, args.data_root, args.split, args.n_val, seed=args.seed,
                                                        val_neighbours=args.val_neighbours,
                                                        neighbours=args.neighbours or (4 if args.neighbour_target else 0),
                                                        val_subjects=args.val_subjects)
-    # models.Denoiser's --noise_adapt levels: the median and the lowest over (at most ~100 of) the noisy training B-scans
-    levels = [noise_sigma(image if image.ndim == 2 else image[0]) for image in noisy[::max(1, len(noisy) // 100)]]
-    noise_levels = {"noise_sigma": float(np.median(levels)), "quiet_sigma": float(np.min(levels))}
     binned = lambda images: [bin_laterally(image, args.lateral_bin) for image in images]
     noisy, clean = binned(noisy), binned(clean)
+    # models.Denoiser's --noise_adapt levels: the median and the lowest over (at most ~100 of) the noisy training
+    # B-scans, estimated at the scale G denoises at (noise_bin)
+    levels = [noise_sigma(image if image.ndim == 2 else image[0]) for image in noisy[::max(1, len(noisy) // 100)]]
+    noise_levels = {"noise_sigma": float(np.median(levels)), "quiet_sigma": float(np.min(levels)),
+                    "noise_bin": args.lateral_bin}
     narrowest = min(image.shape[-1] for image in noisy + clean)
     if args.lateral_bin > 1 and narrowest < args.patch_size:
         raise DataError(f"--lateral_bin {args.lateral_bin} leaves training images {narrowest} px wide, "

@@ -220,10 +220,11 @@ class Trainer:
         """The module to denoise with: the EMA copy when kept (never DDP-wrapped)."""
         return self.ema if self.ema is not None else self.model
 
-    def denoiser(self, lateral_bin=1, noise_sigma=None, quiet_sigma=None):
+    def denoiser(self, lateral_bin=1, noise_sigma=None, quiet_sigma=None, noise_bin=1):
         """The inference module with its settings, as evaluate.py would load it from a checkpoint."""
         return models.Denoiser(self.inference_generator(), lateral_bin=lateral_bin, zero_mean=self.zero_mean,
-                               noise_sigma=noise_sigma, quiet_sigma=quiet_sigma, neighbours=self.neighbours)
+                               noise_sigma=noise_sigma, quiet_sigma=quiet_sigma, neighbours=self.neighbours,
+                               noise_bin=noise_bin)
 
     def state_dict(self):
         return {

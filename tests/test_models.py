@@ -128,6 +128,28 @@ def test_noise_adapt_sees_a_noisier_bscan_at_the_training_contrast():
     np.testing.assert_array_equal(adapting(quieter), plain(quieter))  # quieter: unchanged
 
 
+def test_noise_adapt_estimates_at_the_binning_the_levels_were_recorded_at():
+    # Speckle correlated over 4 A-scans is nearly invisible to the wavelet estimate at full size but not once
+    # binned 4:1, the scale a 4:1 net denoises at: recorded at noise_bin 4, the training level of fine speckle
+    # (binned alike) is below this B-scan's, so it is compressed; a checkpoint recorded at full size
+    # (noise_bin 1, all before it was recorded) compares full-size estimates and sees it as quieter.
+    import cv2
+    rng = np.random.default_rng(0)
+    fine = (0.5 + 0.05 * rng.standard_normal((64, 256))).astype(np.float32)
+    coarse = (0.5 + 0.1 * cv2.resize(rng.standard_normal((64, 64)).astype(np.float32), (256, 64),
+                                     interpolation=cv2.INTER_NEAREST)).astype(np.float32)
+    assert utils.noise_sigma(coarse) < utils.noise_sigma(fine)
+    net = models.DnCNN().eval()
+    at_full = models.Denoiser(net, lateral_bin=4, zero_mean=True, noise_sigma=utils.noise_sigma(fine))
+    at_bin = at_full.replace(noise_sigma=utils.noise_sigma(utils.bin_laterally(fine, 4)), noise_bin=4)
+    at_full(coarse)
+    at_bin(coarse)
+    assert at_full.last_gain == 1.0
+    binned = utils.noise_sigma(utils.bin_laterally(coarse, 4))
+    assert at_bin.last_gain == pytest.approx(at_bin.noise_sigma / binned, rel=1e-6) and at_bin.last_gain < 0.7
+    assert at_bin.replace(noise_bin=1).noise_bin == 1 and models.Denoiser(net).noise_bin == 1
+
+
 @pytest.mark.parametrize("start, lone_is_compressed", [({"skip_nlm": 12}, True), ({"skip_bm3d": 2.5}, True),
                                                          ({"skip_blur": (1.0, 3.0)}, False)])
 def test_a_lone_bscan_meets_a_numpy_filter_start_at_the_blends_noise_level(start, lone_is_compressed):
@@ -161,9 +183,9 @@ def test_shipped_checkpoint_records_its_training_scans_noise_level():
     denoiser, state = models.load_checkpoint(ROOT / "ckpt" / "tcfl_duke28_G.pth")
     args = state["args"]
     noisy = datasets.load_unpaired(args["dataset"], DUKE, args["split"], args["n_val"], seed=args["seed"])[0]
-    median = np.median([utils.noise_sigma(x) for x in noisy])  # full size, as train.py records it
-    assert len(noisy) == 40 and denoiser.noise_sigma == pytest.approx(median, rel=1e-6)
-    assert denoiser.quiet_sigma == pytest.approx(min(utils.noise_sigma(x) for x in noisy), rel=1e-6)
+    levels = [utils.noise_sigma(utils.bin_laterally(x, 4)) for x in noisy]  # binned 4:1, as train.py records it
+    assert len(noisy) == 40 and denoiser.noise_bin == 4 and denoiser.noise_sigma == pytest.approx(np.median(levels), rel=1e-6)
+    assert denoiser.quiet_sigma == pytest.approx(min(levels), rel=1e-6)
     # trained and denoising binned 4:1, reading 4 neighbours, starting from NLM + 0.3 x the blur of the blend
     assert args["lateral_bin"] == 4 and denoiser.lateral_bin == 4 and args["skip_nlm"] == 12.0
     assert isinstance(denoiser.net, models.NLMSkip) and denoiser.net.blur_share == 0.3

@@ -510,9 +510,10 @@ def test_lateral_bin_trains_on_binned_scans_and_denoises_at_full_size(tmp_path, 
     path = tmp_path / "ckpt" / "epoch_1.pth"
     denoiser, state = models.load_checkpoint(path)
     assert state["args"]["lateral_bin"] == 2 and denoiser.lateral_bin == 2
-    # the noise levels --noise_adapt compares with: the training scans' median and lowest, at full size
+    # the noise levels --noise_adapt compares with: the training scans' median and lowest, binned as G sees them
     full_size = train.datasets.load_unpaired("synthetic")[0]
-    levels = [utils.noise_sigma(x) for x in full_size[::max(1, len(full_size) // 100)]]
+    levels = [utils.noise_sigma(utils.bin_laterally(x, 2)) for x in full_size[::max(1, len(full_size) // 100)]]
+    assert denoiser.noise_bin == 2 and state["inference"]["noise_bin"] == 2
     assert denoiser.noise_sigma == pytest.approx(float(np.median(levels)), rel=1e-6)
     assert denoiser.quiet_sigma == pytest.approx(min(levels), rel=1e-6) and denoiser.quiet_sigma < denoiser.noise_sigma
     image = np.random.default_rng(0).random((64, 96), dtype=np.float32)
