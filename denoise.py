@@ -7,7 +7,7 @@
 Each output keeps its input's file name, pixel type and bit depth (uint16 stays uint16 with
 its full range) and a stack stays a stack. Nothing is overwritten without --overwrite.
 A checkpoint trained with --neighbours K reads each page of a stack with its K nearest pages
-(registered B-scans of one volume); a single image is denoised alone.
+(registered B-scans of one volume; --lone_bscan: each page alone); a single image is denoised alone.
 """
 import argparse
 import sys
@@ -90,6 +90,10 @@ def main(argv=None):
     parser.add_argument("--method", default="model", choices=["model", *CLASSICAL],
                         help="model: a trained checkpoint (default: the shipped one); or a classical baseline")
     models.add_checkpoint_args(parser)  # default checkpoint: the shipped ckpt/tcfl_duke28_G.pth
+    parser.add_argument("--lone_bscan", action="store_true",
+                        help="read each page of a stack alone, as a single image, not with its nearest pages: for "
+                             "stacks whose pages are not registered neighbouring B-scans (a sparse raster, uncorrected "
+                             "motion; README)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
 
@@ -114,7 +118,7 @@ def main(argv=None):
             images, dtype, is_stack = read_slices(path)
             outputs = []
             # a --neighbours checkpoint's models.Denoiser reads each page with its nearest pages
-            volume = np.stack(images) if getattr(denoise, "neighbours", 0) else None
+            volume = np.stack(images) if getattr(denoise, "neighbours", 0) and not args.lone_bscan else None
             for i, image in enumerate(tqdm(images, desc=path.name, unit="B-scan", disable=len(images) == 1)):
                 outputs.append(denoise(image) if volume is None else denoise(volume, centre=i))
                 gains.append(getattr(denoise, "last_gain", 1.0))  # models.Denoiser's --noise_adapt

@@ -14,6 +14,7 @@ import correction  # noqa: E402
 import grain  # noqa: E402
 import infer_speed  # noqa: E402
 import intensity  # noqa: E402
+import misregistration  # noqa: E402
 import inference_bin  # noqa: E402
 import quality  # noqa: E402
 import train_speed  # noqa: E402
@@ -74,6 +75,32 @@ def test_grain_feeds_a_neighbours_checkpoint_its_volume(tmp_path):
         patch.setattr(models.Denoiser, "__call__", spy)
         grain.main(["--ckpt", str(path), "--dataset", "synthetic", "--sigmas", "1.0", "--no_save"])
     assert seen and all(shape[0] == 5 and len(shape) == 3 for shape in seen)  # the B-scan and its 4 neighbours
+
+
+def test_misregistration_shifts_only_the_neighbours_within_the_bound_and_scores_the_lone_reading(tmp_path):
+    import torch
+    import models
+    from utils import psnr
+    volume = np.random.default_rng(0).random((5, 40, 60)).astype(np.float32)
+    moved = misregistration.misregistered(volume, 2, 3, 0, np.random.default_rng(1))
+    np.testing.assert_array_equal(moved[2], volume[2])
+    for page in (0, 1, 3, 4):  # each neighbour is its own copy moved axially by at most 3 pixels, never laterally
+        matches = [d for d in range(-3, 4) if np.array_equal(moved[page][5:-5], np.roll(volume[page], d, 0)[5:-5])]
+        assert len(matches) == 1
+    assert not np.array_equal(moved, volume)
+    torch.manual_seed(0)
+    path = tmp_path / "g5.pth"
+    torch.save({"generator": models.build_generator("dncnn", in_channels=5, skip_nlm=12, skip_centre_weight=0.6).state_dict(),
+                "backbone": "dncnn", "method": "tcfl", "args": {"neighbours": 4, "skip_nlm": 12.0, "skip_centre_weight": 0.6}},
+               path)
+    rows = misregistration.main(["--ckpt", str(path), "--dataset", "synthetic", "--size", "64", "--draws", "1", "--no_save"])
+    denoiser = models.load_checkpoint(path)[0]
+    samples = misregistration.test_samples("synthetic", 64, split="val")[1]
+    lone = [psnr(s.clean, denoiser(np.asarray(s.volume(), np.float32)[2])) for s in samples]
+    registered = [psnr(s.clean, denoiser(np.asarray(s.volume(), np.float32), 2)) for s in samples]
+    assert rows["lone B-scan"]["psnr"] == pytest.approx(np.mean(lone), abs=1e-6)
+    assert rows["registered"]["psnr"] == pytest.approx(np.mean(registered), abs=1e-6)
+    assert rows["axial ±20"]["psnr"] != pytest.approx(rows["registered"]["psnr"], abs=1e-3)  # the neighbours moved
 
 
 SHARED_DUKE = BENCH.parent.parent / "shared" / "data" / "duke_bioptigen"

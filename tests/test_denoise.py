@@ -229,6 +229,10 @@ def test_a_neighbours_checkpoint_reads_each_page_with_its_nearest_pages(tmp_path
     for page in range(4):
         assert np.abs(out[page] - denoiser(volume, centre=page)).max() <= 1 / 255
     assert np.abs(out[0] - denoiser(volume[0])).max() > 2 / 255  # not the page alone
+    assert run([src], tmp_path / "lone", path, "--lone_bscan") == 0  # each page alone, as a single image is
+    lone = tifffile.imread(tmp_path / "lone" / "volume.tif") / 255
+    for page in range(4):
+        assert np.abs(lone[page] - denoiser(volume[page])).max() <= 1 / 255
 
 
 def test_a_lone_bscan_for_an_nlm_start_is_reported_as_its_own_blend(tmp_path, capsys):
