@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import baselines
-from utils import (DataError, at_lateral_scale, bin_laterally, check_lateral_bin, context_stack, noise_sigma, resolve_device,
-                   use_bf16)
+from utils import (DataError, at_lateral_scale, bin_laterally, check_lateral_bin, context_stack, noise_sigma,
+                   resolve_device, use_bf16)
 
 
 def init_weights(module):
@@ -392,8 +392,9 @@ class Denoiser:
         Gaussian, which was chosen for the quieter blend of 5 B-scans (None: its own). Recorded in the checkpoint.
     tile, bf16: see predict_noise.
     noise_sigma: the training scans' noise level, estimated on them binned noise_bin:1 laterally (train.py records
-        both; None: off). A B-scan, binned alike, noisier than that is fed to the net with its contrast compressed about its mean by
-        gain = noise_sigma / its own noise estimate, and the net's noise estimate is expanded back
+        both; None: off). A B-scan, binned alike, noisier than that is fed to the net with its contrast
+        compressed about its mean by gain = noise_sigma / its own noise estimate, and the net's noise estimate is
+        expanded back
         by 1 / gain: the net sees speckle of the strength it learned, as BM3D.py's threshold follows
         its noise estimate. Quieter B-scans keep their contrast (see quiet_sigma): expanding it instead measured
         -0.42 to +0.16 dB on the synthetic validation phantoms (quieter than the training scans) and
