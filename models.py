@@ -394,8 +394,7 @@ class Denoiser:
     noise_sigma: the training scans' noise level, estimated on them binned noise_bin:1 laterally (train.py records
         both; None: off). A B-scan, binned alike, noisier than that is fed to the net with its contrast
         compressed about its mean by gain = noise_sigma / its own noise estimate, and the net's noise estimate is
-        expanded back
-        by 1 / gain: the net sees speckle of the strength it learned, as BM3D.py's threshold follows
+        expanded back by 1 / gain: the net sees speckle of the strength it learned, as BM3D.py's threshold follows
         its noise estimate. Quieter B-scans keep their contrast (see quiet_sigma): expanding it instead measured
         -0.42 to +0.16 dB on the synthetic validation phantoms (quieter than the training scans) and
         -0.05 to +0.05 on the Duke validation B-scans (docs/training.md). `last_gain`: the latest B-scan's.
