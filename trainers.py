@@ -267,10 +267,7 @@ class TCFLTrainer(Trainer):
                        "neighbour_target", "bm3d_target", "ssim_weight"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
-        generator = generator or models.build_generator(args.backbone, in_channels=1 + args.neighbours,
-                                                        skip_blur=args.skip_blur, skip_nlm=args.skip_nlm,
-                                                        skip_centre_weight=args.skip_centre_weight,
-                                                        skip_bm3d=args.skip_bm3d, skip_blur_share=args.skip_blur_share)
+        generator = generator or models.build_denoiser("tcfl", args.backbone, vars(args))  # as a checkpoint rebuilds it
         generator = generator.to(device)
         discriminator = (discriminator or models.build_discriminator()).to(device)
         if args.sync_bn and torch.distributed.is_initialized():
