@@ -273,47 +273,74 @@ class NumpyFilterSkip(FilterSkip):
         return blurred + (1 - self.blur_share) * (self.filtered(image) - blurred).detach()
 
 
+def nlm_filter(array, h):
+    """NLM.py's non-local means (OpenCV's fastNlMeansDenoising, 8-bit path, NLM.py's windows) of strength h."""
+    return baselines.nlm(array, h, baselines.TEMPLATE, baselines.SEARCH, eight_bit=True)
+
+
+BM3D_PROFILES = {"hard": baselines.bm3d_hard_threshold, "lc": baselines.bm3d_low_complexity}
+
+
 class NLMSkip(NumpyFilterSkip):
-    """NumpyFilterSkip over non-local means (--skip_nlm H): NLM.py's filter (OpenCV's fastNlMeansDenoising,
-    8-bit path, NLM.py's patch and search windows) with strength h."""
+    """NumpyFilterSkip over non-local means (--skip_nlm H): nlm_filter with strength h."""
 
     def __init__(self, net, h, centre_weight=1.0, blur_share=0.0):
         super().__init__(net, centre_weight, blur_share=blur_share)
         self.h = float(h)
 
     def numpy_filter(self, array):
-        return baselines.nlm(array, self.h, baselines.TEMPLATE, baselines.SEARCH, eight_bit=True)
+        return nlm_filter(array, self.h)
 
 
 class BM3DSkip(NumpyFilterSkip):
-    """NumpyFilterSkip over BM3D (--skip_bm3d F): BM3D.py's hard-thresholding stage with the threshold F x the
-    wavelet noise estimate of each image of the batch (F = BM3D.py's sigma_factor)."""
+    """NumpyFilterSkip over BM3D (--skip_bm3d F) with the threshold F x the wavelet noise estimate of each image
+    of the batch (F = BM3D.py's sigma_factor). profile (--skip_bm3d_profile): 'hard', BM3D.py's
+    hard-thresholding stage; 'lc', both stages in the bm3d package's low-complexity profile."""
 
-    def __init__(self, net, sigma_factor, centre_weight=1.0, blur_share=0.0):
+    def __init__(self, net, sigma_factor, centre_weight=1.0, blur_share=0.0, profile="hard"):
         super().__init__(net, centre_weight, blur_share=blur_share)
         self.sigma_factor = float(sigma_factor)
+        self.profile = profile
 
     def numpy_filter(self, array):
-        return baselines.bm3d_hard_threshold(array, self.sigma_factor)
+        return BM3D_PROFILES[self.profile](array, self.sigma_factor)
+
+
+class NLMBM3DSkip(BM3DSkip):
+    """--skip_nlm H with --skip_bm3d F: the start filter is the mean of the two, whose errors differ enough
+    that their mean beats either on the train subjects (docs/training.md, "The shipped start")."""
+
+    def __init__(self, net, h, sigma_factor, centre_weight=1.0, blur_share=0.0, profile="hard"):
+        super().__init__(net, sigma_factor, centre_weight, blur_share, profile)
+        self.h = float(h)
+
+    def numpy_filter(self, array):
+        return (nlm_filter(array, self.h) + super().numpy_filter(array)) / 2
 
 
 def build_generator(backbone, in_channels=1, skip_blur=(0.0, 0.0), skip_nlm=0.0, skip_centre_weight=1.0, skip_bm3d=0.0,
-                    skip_blur_share=0.0):
+                    skip_blur_share=0.0, skip_bm3d_profile="hard"):
     """skip_blur (axial, lateral sigma; any > 0): wrapped in BlurSkip; skip_nlm (h > 0): in NLMSkip;
-    skip_bm3d (sigma factor > 0): in BM3DSkip. skip_centre_weight: the start's centre_weight (FilterSkip);
-    skip_blur_share: the Gaussian's share of an NLM or BM3D start (NumpyFilterSkip)."""
+    skip_bm3d (sigma factor > 0): in BM3DSkip (skip_bm3d_profile: its BM3DSkip profile); both skip_nlm and
+    skip_bm3d: in NLMBM3DSkip. skip_centre_weight: the start's centre_weight (FilterSkip); skip_blur_share:
+    the Gaussian's share of an NLM or BM3D start (NumpyFilterSkip)."""
     if backbone not in GENERATORS:
         raise ValueError(f"unknown --backbone {backbone} (choose from {', '.join(GENERATORS)})")
+    if skip_bm3d_profile not in BM3D_PROFILES:
+        raise ValueError(f"unknown --skip_bm3d_profile {skip_bm3d_profile} (choose from {', '.join(BM3D_PROFILES)})")
     model = GENERATORS[backbone](in_channels=in_channels)
     model.apply(init_weights)
-    if sum(map(bool, (any(skip_blur), skip_nlm, skip_bm3d))) > 1:
-        raise ValueError("a generator starts from one filter: skip_blur, skip_nlm or skip_bm3d")
+    if any(skip_blur) and (skip_nlm or skip_bm3d):
+        raise ValueError("a generator starts from the Gaussian (skip_blur) or from NLM and/or BM3D, not both")
     if any(skip_blur):
         model = BlurSkip(model, *skip_blur, centre_weight=skip_centre_weight)
-    if skip_nlm:
-        model = NLMSkip(model, skip_nlm, centre_weight=skip_centre_weight, blur_share=skip_blur_share)
-    if skip_bm3d:
-        model = BM3DSkip(model, skip_bm3d, centre_weight=skip_centre_weight, blur_share=skip_blur_share)
+    start = {"centre_weight": skip_centre_weight, "blur_share": skip_blur_share}
+    if skip_nlm and skip_bm3d:
+        model = NLMBM3DSkip(model, skip_nlm, skip_bm3d, profile=skip_bm3d_profile, **start)
+    elif skip_nlm:
+        model = NLMSkip(model, skip_nlm, **start)
+    elif skip_bm3d:
+        model = BM3DSkip(model, skip_bm3d, profile=skip_bm3d_profile, **start)
     if in_channels > 1:
         # The neighbours' input weights start at zero: G starts as the single-B-scan network and learns
         # to use the neighbours from there (random ones slowed the first 200 steps: docs/training.md).
@@ -449,7 +476,7 @@ class Denoiser:
         """A lone B-scan read by an NLM or BM3D start (NumpyFilterSkip) with neighbours is its own blend, 1 /
         blend_noise times noisier than the blend that start filtered in training, whatever its level: its
         contrast is compressed by blend_noise as well, as such a filter, unlike a Gaussian, does not smooth
-        more for noisier input (docs/training.md, "The shipped start"). 1 otherwise."""
+        more for noisier input (docs/training.md, "The NLM + Gaussian start"). 1 otherwise."""
         if lone and self.neighbours and isinstance(self.net, NumpyFilterSkip):
             return self.net.blend_noise(self.neighbours)
         return 1.0
@@ -721,7 +748,8 @@ def build_denoiser(method, backbone, args=None):
         return build_generator(backbone, in_channels=1 + args.get("neighbours", 0),
                                skip_blur=args.get("skip_blur") or (0.0, 0.0), skip_nlm=args.get("skip_nlm", 0.0),
                                skip_centre_weight=args.get("skip_centre_weight", 1.0), skip_bm3d=args.get("skip_bm3d", 0.0),
-                               skip_blur_share=args.get("skip_blur_share", 0.0))
+                               skip_blur_share=args.get("skip_blur_share", 0.0),
+                               skip_bm3d_profile=args.get("skip_bm3d_profile", "hard"))
     if method == "n2n":
         return build_generator(backbone)
     if method == "r2r":

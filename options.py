@@ -40,8 +40,11 @@ def parse_args(argv=None):
         raise DataError(f"--skip_blur_share needs a share in [0, 1), got {args.skip_blur_share}")
     if args.skip_blur_share and not (args.skip_nlm or args.skip_bm3d):
         raise DataError("--skip_blur_share mixes the Gaussian into an NLM or BM3D start: it needs --skip_nlm or --skip_bm3d")
-    if sum(map(bool, (any(args.skip_blur), args.skip_nlm, args.skip_bm3d))) > 1:
-        raise DataError("--skip_blur, --skip_nlm and --skip_bm3d each name the filter G starts from: give one")
+    if any(args.skip_blur) and (args.skip_nlm or args.skip_bm3d):
+        raise DataError("--skip_blur names the filter G starts from, as --skip_nlm and --skip_bm3d do: give the Gaussian "
+                        "or NLM and/or BM3D")
+    if args.skip_bm3d_profile != "hard" and not args.skip_bm3d:
+        raise DataError("--skip_bm3d_profile picks the BM3D of a BM3D start: it needs --skip_bm3d")
     if args.val_subjects and args.dataset != "duke28":
         raise DataError(f"--val_subjects names duke28 subjects; --dataset is {args.dataset}")
     if args.neighbour_target < 0:
@@ -121,7 +124,11 @@ def add_model_options(p):
     g.add_argument("--skip_bm3d", type=float, default=0.0, metavar="F",
                    help="tcfl: G starts as BM3D.py's hard-thresholding BM3D, threshold F x the noise estimate (on the "
                         "--lateral_bin-binned B-scans; with --skip_centre_weight of the neighbour blend) and learns a "
-                        "correction to it (models.BM3DSkip); 0: off")
+                        "correction to it (models.BM3DSkip); with --skip_nlm the start is the mean of the two "
+                        "(models.NLMBM3DSkip); 0: off")
+    g.add_argument("--skip_bm3d_profile", default="hard", choices=list(models.BM3D_PROFILES),
+                   help="tcfl with --skip_bm3d: hard, BM3D.py's hard-thresholding stage; lc, both BM3D stages (hard "
+                        "thresholding, then Wiener) in the bm3d package's low-complexity profile")
     g.add_argument("--skip_blur_share", type=float, default=0.0, metavar="S",
                    help="tcfl with --skip_nlm or --skip_bm3d: the start is S x the Gaussian 1.0 x 3 px (pixels of the "
                         "binned B-scans) + (1 - S) x that filter, both of the same blend; 0: the filter alone")

@@ -34,8 +34,8 @@ from utils import DataError, use_bf16
 # away from its default (unread_options), instead of ignoring it.
 METHOD_OPTIONS = ("gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                   "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm",
-                  "skip_centre_weight", "skip_bm3d", "skip_blur_share", "d_blur", "real_blur", "neighbour_target",
-                  "bm3d_target", "ssim_weight", "r2r_alpha", "r2r_passes", "n2n_gamma")
+                  "skip_centre_weight", "skip_bm3d", "skip_bm3d_profile", "skip_blur_share", "d_blur", "real_blur",
+                  "neighbour_target", "bm3d_target", "ssim_weight", "r2r_alpha", "r2r_passes", "n2n_gamma")
 
 
 class ReplayBuffer:
@@ -263,8 +263,8 @@ class TCFLTrainer(Trainer):
 
     reads = frozenset({"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean",
                        "pool_size", "noise_scale", "g_calls", "lr_d", "backbone", "neighbours",
-                       "skip_blur", "skip_nlm", "skip_centre_weight", "skip_bm3d", "skip_blur_share", "d_blur", "real_blur",
-                       "neighbour_target", "bm3d_target", "ssim_weight"})
+                       "skip_blur", "skip_nlm", "skip_centre_weight", "skip_bm3d", "skip_bm3d_profile", "skip_blur_share",
+                       "d_blur", "real_blur", "neighbour_target", "bm3d_target", "ssim_weight"})
 
     def __init__(self, args, device="cpu", noisy_images=None, wrap=lambda module: module, generator=None, discriminator=None):
         generator = generator or models.build_denoiser("tcfl", args.backbone, vars(args))  # as a checkpoint rebuilds it

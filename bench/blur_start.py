@@ -5,7 +5,9 @@ A start AXIAL,LATERAL,W is (--skip_blur AXIAL LATERAL, --skip_centre_weight W): 
 pixels of the 4:1 B-scans) of W x the B-scan + (1 - W) x the mean of its 4 registered neighbours; W = 1
 reads the B-scan alone, the single-B-scan recipe's start. nlm:H,W and bm3d:F,W filter the same blend with
 NLM.py's non-local means of strength H (--skip_nlm) or BM3D.py's BM3D with threshold factor F (--skip_bm3d);
-nlm:H,W,S and bm3d:F,W,S mix S x the Gaussian 1.0 x 3 of the blend into that filter (--skip_blur_share S).
+bm3dlc:F,W runs both BM3D stages in the low-complexity profile (--skip_bm3d_profile lc); nlm+bm3d:H,F,W and
+nlm+bm3dlc:H,F,W take the mean of NLM and that BM3D (--skip_nlm H --skip_bm3d F). A trailing ,S mixes S x the
+Gaussian 1.0 x 3 of the blend into that filter (--skip_blur_share S).
 Each start is scored as a trained checkpoint is (4:1,
 zero-mean noise map), on the subjects' test.tif B-scans against their averages, with the mean paired
 difference to the first start and to blur.py. It measures what training starts from; it chose the
@@ -41,32 +43,42 @@ def start_denoiser(start, neighbours=4, lateral_bin=4):
     return models.Denoiser(net, lateral_bin=lateral_bin, zero_mean=True, neighbours=neighbours)
 
 
+FILTER_KINDS = {"nlm": ("skip_nlm",), "bm3d": ("skip_bm3d",), "bm3dlc": ("skip_bm3d",),
+                "nlm+bm3d": ("skip_nlm", "skip_bm3d"), "nlm+bm3dlc": ("skip_nlm", "skip_bm3d")}
+
+
 def parse_start(text):
-    """'AXIAL,LATERAL,W', 'nlm:H,W[,S]' or 'bm3d:F,W[,S]' -> build_generator's start options."""
+    """'AXIAL,LATERAL,W', 'nlm:H,W[,S]', 'bm3d:F,W[,S]', 'bm3dlc:F,W[,S]' or 'nlm+bm3d[lc]:H,F,W[,S]' ->
+    build_generator's start options (lc: --skip_bm3d_profile lc)."""
     kind, _, values = text.rpartition(":")
-    shape = {"": "AXIAL,LATERAL,W (e.g. 1.0,3,0.6)", "nlm": "nlm:H,W[,S] (e.g. nlm:12,0.6)", "bm3d": "bm3d:F,W[,S]"}
+    shape = "AXIAL,LATERAL,W, nlm:H,W[,S], bm3d[lc]:F,W[,S] or nlm+bm3d[lc]:H,F,W[,S] (e.g. 1.0,3,0.6 or nlm:12,0.6)"
+    names = FILTER_KINDS.get(kind, ("skip_blur",) if kind == "" else None)
     try:
         numbers = [float(value) for value in values.split(",")]
-        if kind not in shape or len(numbers) not in ((3,) if kind == "" else (2, 3)):
+        if names is None or len(numbers) not in ((3,) if kind == "" else (len(names) + 1, len(names) + 2)):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--starts: '{text}' is not {' or '.join(shape.values())}") from None
-    weight = numbers[-1] if kind == "" else numbers[1]
+        raise SystemExit(f"--starts: '{text}' is not {shape}") from None
+    weight = numbers[-1] if kind == "" else numbers[len(names)]
     if not 0 <= weight <= 1:
         raise SystemExit(f"--starts: '{text}': W must be in [0, 1]")
     if kind == "":
         return {"skip_blur": tuple(numbers[:2]), "skip_centre_weight": weight}
-    share = {"skip_blur_share": numbers[2]} if len(numbers) == 3 else {}
-    if share and not 0 <= numbers[2] < 1:
-        raise SystemExit(f"--starts: '{text}': S must be in [0, 1)")
-    return {("skip_nlm" if kind == "nlm" else "skip_bm3d"): numbers[0], "skip_centre_weight": weight, **share}
+    start = {**dict(zip(names, numbers)), "skip_centre_weight": weight}
+    if len(numbers) == len(names) + 2:
+        if not 0 <= numbers[-1] < 1:
+            raise SystemExit(f"--starts: '{text}': S must be in [0, 1)")
+        start["skip_blur_share"] = numbers[-1]
+    if kind.endswith("lc"):
+        start["skip_bm3d_profile"] = "lc"
+    return start
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="duke28", choices=["duke28", "synthetic"])
     parser.add_argument("--data_root", default=str(SHARED_DATA / "duke_bioptigen"))
-    parser.add_argument("--starts", nargs="+", default=list(STARTS), metavar="AXIAL,LATERAL,W|nlm:H,W|bm3d:F,W")
+    parser.add_argument("--starts", nargs="+", default=list(STARTS), metavar="AXIAL,LATERAL,W|nlm:H,W|bm3d:F,W|...")
     parser.add_argument("--size", type=int, default=256, help="synthetic image size")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)

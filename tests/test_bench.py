@@ -1,5 +1,6 @@
 """Smoke tests: every benchmark runs end to end with tiny settings (no timing assertions)."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -191,6 +192,12 @@ def test_blur_start_scores_what_an_untrained_generator_starts_from():
             blur_start.parse_start(bad)
     assert blur_start.parse_start("nlm:12,0.6") == {"skip_nlm": 12.0, "skip_centre_weight": 0.6}
     assert blur_start.parse_start("bm3d:2.5,0.5,0.3") == {"skip_bm3d": 2.5, "skip_centre_weight": 0.5, "skip_blur_share": 0.3}
+    assert blur_start.parse_start("nlm+bm3dlc:12,2.5,0.6,0.2") == {
+        "skip_nlm": 12.0, "skip_bm3d": 2.5, "skip_centre_weight": 0.6, "skip_blur_share": 0.2, "skip_bm3d_profile": "lc"}
+    assert blur_start.parse_start("nlm+bm3d:12,2.5,0.6") == {"skip_nlm": 12.0, "skip_bm3d": 2.5, "skip_centre_weight": 0.6}
+    for bad in ("nlm+bm3d:12,0.6", "bm3dlc:2.5", "nlm+bm3dlc:12,2.5,0.6,0.2,1"):
+        with pytest.raises(SystemExit, match=re.escape(f"--starts: '{bad}' is not")):
+            blur_start.parse_start(bad)
     with pytest.raises(SystemExit, match="S must be in"):
         blur_start.parse_start("nlm:12,0.6,1")
 

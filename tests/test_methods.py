@@ -217,7 +217,7 @@ SET = {"gan": ["--gan", "vanilla"], "lam": ["--lam", "3"], "d_fake_weight": ["--
        "noise_scale": ["--noise_scale", "0.5", "1.5"], "g_calls": ["--g_calls", "per_estimate"], "lr_d": ["--lr_d", "1e-4"], "backbone": ["--backbone", "unet"],
        "neighbours": ["--neighbours", "2"], "skip_blur": ["--skip_blur", "1", "2"],
        "skip_centre_weight": ["--skip_centre_weight", "0.5"], "skip_nlm": ["--skip_nlm", "20"], "skip_bm3d": ["--skip_bm3d", "2.5"],
-       "skip_blur_share": ["--skip_blur_share", "0.3"], "d_blur": ["--d_blur", "1"], "real_blur": ["--real_blur", "1"],
+       "skip_bm3d_profile": ["--skip_bm3d_profile", "lc"], "skip_blur_share": ["--skip_blur_share", "0.3"], "d_blur": ["--d_blur", "1"], "real_blur": ["--real_blur", "1"],
        "neighbour_target": ["--neighbour_target", "1", "--dataset", "duke28"], "bm3d_target": ["--bm3d_target", "1"],
        "ssim_weight": ["--ssim_weight", "1"],
        "r2r_alpha": ["--r2r_alpha", "0.3"], "r2r_passes": ["--r2r_passes", "2"], "n2n_gamma": ["--n2n_gamma", "1"]}
@@ -226,18 +226,19 @@ SET = {"gan": ["--gan", "vanilla"], "lam": ["--lam", "3"], "d_fake_weight": ["--
 # What each method's step reads (trainers.py); every other method option is refused, not silently ignored.
 READS = {"tcfl": {"gan", "lam", "d_fake_weight", "clip", "n_critic", "sigma_tv", "sigma_rep", "zero_mean", "pool_size",
                   "noise_scale", "g_calls", "lr_d", "backbone", "neighbours", "skip_blur", "skip_nlm",
-                  "skip_centre_weight", "skip_bm3d", "skip_blur_share", "d_blur", "real_blur", "neighbour_target",
-                  "bm3d_target", "ssim_weight"},
+                  "skip_centre_weight", "skip_bm3d", "skip_bm3d_profile", "skip_blur_share", "d_blur", "real_blur",
+                  "neighbour_target", "bm3d_target", "ssim_weight"},
          "r2r": {"r2r_alpha", "r2r_passes", "backbone"},
          "n2n": {"n2n_gamma", "backbone"},
          "cncl": {"gan", "lr_d", "backbone"},
          "drgan": {"gan", "lr_d"}}
 
 
-# Read by a method but refused together with another of its options (G starts from one filter; the
-# neighbour B-scans are inputs or targets; G's squared-error term has one target), or only with another.
-ALTERNATIVES = {"skip_nlm", "skip_bm3d", "neighbour_target", "bm3d_target", "skip_blur_share"}
-NEEDS = {"skip_blur_share": ["--skip_nlm", "12"]}
+# Read by a method but refused together with another of its options (G starts from the Gaussian or from NLM
+# and/or BM3D; the neighbour B-scans are inputs or targets; G's squared-error term has one target), or only
+# with another.
+ALTERNATIVES = {"skip_nlm", "skip_bm3d", "neighbour_target", "bm3d_target", "skip_blur_share", "skip_bm3d_profile"}
+NEEDS = {"skip_blur_share": ["--skip_nlm", "12"], "skip_bm3d_profile": ["--skip_bm3d", "2.5"]}
 
 
 def test_every_method_option_has_a_value_here():

@@ -186,9 +186,12 @@ def test_shipped_checkpoint_records_its_training_scans_noise_level():
     levels = [utils.noise_sigma(utils.bin_laterally(x, 4)) for x in noisy]  # binned 4:1, as train.py records it
     assert len(noisy) == 40 and denoiser.noise_bin == 4 and denoiser.noise_sigma == pytest.approx(np.median(levels), rel=1e-6)
     assert denoiser.quiet_sigma == pytest.approx(min(levels), rel=1e-6)
-    # trained and denoising binned 4:1, reading 4 neighbours, starting from NLM + 0.3 x the blur of the blend
-    assert args["lateral_bin"] == 4 and denoiser.lateral_bin == 4 and args["skip_nlm"] == 12.0
-    assert isinstance(denoiser.net, models.NLMSkip) and denoiser.net.blur_share == 0.3
+    # trained and denoising binned 4:1, reading 4 neighbours, starting from the mean of NLM and both-stage BM3D
+    # (low-complexity profile) + 0.2 x the blur, all of the blend
+    assert args["lateral_bin"] == 4 and denoiser.lateral_bin == 4
+    net = denoiser.net
+    assert isinstance(net, models.NLMBM3DSkip) and (net.h, net.sigma_factor, net.profile) == (12.0, 2.5, "lc")
+    assert net.blur_share == 0.2
     assert denoiser.neighbours == 4 and args["skip_centre_weight"] == 0.6
 
 
